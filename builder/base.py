@@ -1,0 +1,115 @@
+"""Base snapshots: the distributions a base image already has (DESIGN.md, "Base snapshot")."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from builder.errors import BadInputError, DockerError
+
+# Run inside the image with its own interpreter: the standard library only, so it works on any
+# image that has Python >= 3.8, and `python` or `python3` (whichever exists) first on PATH.
+_LIST_DISTRIBUTIONS = (
+    "import json, sys, importlib.metadata as m;"
+    "print(json.dumps({'python': sys.executable, 'version': '%d.%d' % sys.version_info[:2],"
+    "'dists': sorted({(d.metadata['Name'], d.version) for d in m.distributions()"
+    " if d.metadata['Name']})}))"
+)
+
+
+@dataclass(frozen=True)
+class BaseSnapshot:
+    path: Path | None
+    packages: dict[str, str]  # canonical name -> version
+
+    def version_of(self, name: str) -> str | None:
+        return self.packages.get(canonicalize_name(name))
+
+
+def read_snapshot(path: Path) -> BaseSnapshot:
+    """Parse `name==version` lines; `#` starts a comment."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read base snapshot: {exc}") from None
+    packages: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, sep, version = line.partition("==")
+        if not sep or not name.strip() or not version.strip():
+            raise BadInputError(f"{path}:{number}: expected name==version, got {line!r}")
+        try:
+            Version(version.strip())
+        except InvalidVersion:
+            raise BadInputError(f"{path}:{number}: {version.strip()!r} is not a version") from None
+        packages[canonicalize_name(name.strip())] = version.strip()
+    return BaseSnapshot(path=path, packages=packages)
+
+
+def render_snapshot(image: str, python: str, packages: dict[str, str]) -> str:
+    lines = [
+        f"# Python distributions in {image}",
+        f"# read by `gpubuild base-snapshot` from {python} inside the image",
+    ]
+    lines += [f"{name}=={packages[name]}" for name in sorted(packages)]
+    return "\n".join(lines) + "\n"
+
+
+def snapshot_image(client: object, image: str) -> tuple[str, dict[str, str]]:
+    """Run the image's own python and list its distributions; returns (interpreter, packages)."""
+    import docker.errors
+
+    command = [
+        "sh",
+        "-c",
+        'for py in python python3; do command -v "$py" >/dev/null && exec "$py" -c "$0"; done;'
+        ' echo "no python on PATH" >&2; exit 127',
+        _LIST_DISTRIBUTIONS,
+    ]
+    try:
+        client.images.get(image)  # type: ignore[attr-defined]
+    except docker.errors.ImageNotFound:
+        try:
+            client.images.pull(image)  # type: ignore[attr-defined]
+        except docker.errors.APIError as exc:
+            raise DockerError(f"image {image} is not present and cannot be pulled: {exc}") from None
+    try:
+        output = client.containers.run(  # type: ignore[attr-defined]
+            image,
+            command,
+            entrypoint=[],
+            network_mode="host",
+            remove=True,
+            stdout=True,
+            stderr=False,
+        )
+    except docker.errors.ContainerError as exc:
+        raise DockerError(f"listing distributions in {image} failed: {exc.stderr!r}") from None
+    except docker.errors.APIError as exc:
+        raise DockerError(f"cannot run {image}: {exc}") from None
+    try:
+        listing = json.loads(output.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise DockerError(f"unexpected output from python in {image}: {output[:200]!r}") from None
+    packages = {canonicalize_name(name): version for name, version in listing["dists"]}
+    return listing["python"], packages
+
+
+def docker_client() -> object:
+    import docker
+    import docker.errors
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise DockerError(
+            f"no Docker engine answers ({exc}); start dockerd or set DOCKER_HOST"
+        ) from None
+    return client

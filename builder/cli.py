@@ -1,0 +1,150 @@
+"""The `gpubuild` command line: parses options and calls the stage modules, nothing more."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from builder import __version__
+from builder.errors import BadInputError, GpubuildError
+
+
+class GpubuildGroup(click.Group):
+    """Turns GpubuildError into its message and exit status instead of a traceback."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except GpubuildError as exc:
+            click.echo(f"gpubuild: error: {exc}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(cls=GpubuildGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gpubuild")
+def main() -> None:
+    """GPU Python dependencies for Ray on Kubernetes, resolved once and unpacked in seconds.
+
+    \b
+    The pipeline:
+      gpubuild resolve PROFILE        conflict-free heavy set and hashed lock
+      gpubuild base-snapshot IMAGE    what a base image already has
+    Exit status: 0 success, 1 a failure of the job, 2 bad input or usage.
+    """
+
+
+def _emit_json(document: object) -> None:
+    click.echo(json.dumps(document, indent=2, sort_keys=True))
+
+
+def _parse_index_overrides(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    overrides = []
+    for value in values:
+        name, sep, url = value.partition("=")
+        if not sep or not name or not url:
+            raise BadInputError(f"--index {value!r}: expected NAME=URL or NAME=default")
+        overrides.append((name, url))
+    return tuple(overrides)
+
+
+@main.command()
+@click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "-o",
+    "--output",
+    "lock_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the lock (default: <profile>.lock beside the profile).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option(
+    "--backend",
+    type=click.Choice(["uv", "pip-tools"]),
+    default="uv",
+    show_default=True,
+    help="Resolver. pip-tools works only when the target python and platform are the host's.",
+)
+@click.option(
+    "--index-url",
+    metavar="URL",
+    help="Default package index (instead of uv's default or your pip/uv configuration).",
+)
+@click.option(
+    "--index",
+    "index_overrides",
+    multiple=True,
+    metavar="NAME=URL",
+    help="Replace the URL of the profile's [[index]] NAME; NAME=default takes its packages "
+    "from the default index instead. Repeatable.",
+)
+def resolve(
+    profile: Path,
+    lock_path: Path | None,
+    as_json: bool,
+    backend: str,
+    index_url: str | None,
+    index_overrides: tuple[str, ...],
+) -> None:
+    """Resolve PROFILE's heavy set for its target against its base image and write the lock.
+
+    \b
+    Rules (DESIGN.md): base packages are pinned to their base versions; [policy]
+    constraints apply on top; [policy] exclude names are never shipped; wheels only;
+    a package listed under an [[index]] comes from that index only. Packages the base
+    already has at the same version are not shipped. Nothing changed since the last
+    run: the lock is left untouched.
+
+    \b
+    Example:
+      gpubuild resolve profiles/onnx-gpu.toml
+      gpubuild resolve profiles/torch-cu121.toml --index pytorch-cu121=default --json
+    """
+    from builder.profile import load_profile
+    from builder.resolve import IndexSettings, report_document, report_text
+    from builder.resolve import resolve as run_resolve
+
+    loaded = load_profile(profile)
+    settings = IndexSettings(
+        default_url=index_url, overrides=_parse_index_overrides(index_overrides)
+    )
+    click.echo(
+        f"resolving {loaded.name} for python {loaded.target.python} on "
+        f"{loaded.target.platform} ...",
+        err=True,
+    )
+    result = run_resolve(loaded, lock_path=lock_path, settings=settings, backend=backend)
+    click.echo(report_text(result), err=True)
+    if as_json:
+        _emit_json(report_document(result))
+
+
+@main.command("base-snapshot")
+@click.argument("image")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Snapshot file to write (name==version lines).",
+)
+def base_snapshot(image: str, output: Path) -> None:
+    """List the Python distributions of IMAGE by running its own python through Docker.
+
+    \b
+    Example:
+      gpubuild base-snapshot rayproject/ray:2.52.0-py310-cu121 \\
+          -o profiles/bases/ray-2.52.0-py310-cu121.txt
+    """
+    from builder.base import docker_client, render_snapshot, snapshot_image
+    from builder.resolve import write_atomically
+
+    interpreter, packages = snapshot_image(docker_client(), image)
+    write_atomically(output, render_snapshot(image, interpreter, packages))
+    click.echo(f"{len(packages)} distributions from {image} ({interpreter}) -> {output}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""Every fatal error gpubuild raises, each with its exit status and a message that says what to do.
+
+Exit statuses follow DESIGN.md: 1 for a failure of the job, 2 for bad input or usage.
+"""
+
+from __future__ import annotations
+
+
+class GpubuildError(Exception):
+    """A failure the user can act on; the CLI prints the message and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class BadInputError(GpubuildError):
+    """Bad input or usage (a profile, an option, a file the user named)."""
+
+    exit_code = 2
+
+
+class ProfileError(BadInputError):
+    """A profile that does not follow the contract; names the file and the key."""
+
+    def __init__(self, path: object, key: str | None, problem: str) -> None:
+        where = f"{path}: [{key}]" if key else f"{path}"
+        super().__init__(f"{where}: {problem}")
+        self.path = path
+        self.key = key
+
+
+class BackendUnavailableError(BadInputError):
+    """The chosen resolver backend cannot resolve for this target."""
+
+
+class ResolutionError(GpubuildError):
+    """The resolver could not find a conflict-free set (its own explanation is included)."""
+
+
+class PolicyViolationError(GpubuildError):
+    """A resolved or packed set breaks the profile's policy (shadowing, excluded packages)."""
+
+
+class ToolFailedError(GpubuildError):
+    """An external program (uv, pip-compile, docker) failed for a reason other than resolution."""
+
+
+class DockerError(GpubuildError):
+    """The Docker engine is unreachable or an image operation failed."""
+
+
+class StoreError(GpubuildError):
+    """A store is unreachable, refuses credentials, or holds something other than expected."""
+
+
+class IntegrityError(GpubuildError):
+    """Downloaded or packed bytes do not match their recorded digest."""
+
+
+class NotPublishedError(GpubuildError):
+    """The store has no manifest for the requested profile and digest."""

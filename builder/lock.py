@@ -1,0 +1,229 @@
+"""The lock: a hashed requirements file plus the resolution report in its header.
+
+`pip install --no-deps --require-hashes -r LOCK` and `uv pip install --require-hashes` accept it.
+The header's `# gpubuild:` line holds the report as JSON so that a no-op re-run can print it
+without resolving again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+
+from builder.errors import BadInputError
+
+LOCK_FORMAT = 1
+ARTIFACT_FORMAT = 1
+_HEADER_KEY = "# gpubuild: "
+_PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==(?P<version>[^\s;\\]+)")
+_HASH = re.compile(r"--hash=(?P<hash>sha256:[0-9a-f]{64})")
+
+
+@dataclass(frozen=True)
+class LockedPackage:
+    name: str
+    version: str
+    hashes: tuple[str, ...]
+    index_url: str | None = None
+    required_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Excluded:
+    name: str
+    version: str
+    required_by: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Pinned:
+    name: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Shadowed:
+    name: str
+    version: str
+    base_version: str
+
+
+@dataclass(frozen=True)
+class Lock:
+    profile: str
+    python: str
+    platform: str
+    inputs: str
+    backend: str
+    packages: tuple[LockedPackage, ...]
+    provided_by_base: tuple[Pinned, ...] = ()
+    excluded: tuple[Excluded, ...] = ()
+    shadowed: tuple[Shadowed, ...] = ()
+    warnings: tuple[str, ...] = field(default=())
+
+    def body(self) -> str:
+        """The installable part: what the artifact digest covers."""
+        lines: list[str] = []
+        for package in sorted(self.packages, key=lambda p: p.name):
+            lines.append(f"{package.name}=={package.version} \\")
+            hashes = sorted(package.hashes)
+            for number, digest in enumerate(hashes):
+                tail = " \\" if number < len(hashes) - 1 else ""
+                lines.append(f"    --hash={digest}{tail}")
+            if package.required_by:
+                lines.append(f"    # via {', '.join(package.required_by)}")
+            if package.index_url:
+                lines.append(f"    # index: {package.index_url}")
+        return "\n".join(lines) + "\n"
+
+    def digest(self) -> str:
+        """Hash of what decides the artifact: lock body, target and format (DESIGN.md, "Pack")."""
+        material = json.dumps(
+            {
+                "format": ARTIFACT_FORMAT,
+                "python": self.python,
+                "platform": self.platform,
+                "lock": self.body(),
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(material.encode()).hexdigest()
+
+
+def render_lock(lock: Lock, install_dir: str) -> str:
+    report = {
+        "format": LOCK_FORMAT,
+        "profile": lock.profile,
+        "python": lock.python,
+        "platform": lock.platform,
+        "inputs": lock.inputs,
+        "backend": lock.backend,
+        "provided_by_base": [asdict(p) for p in lock.provided_by_base],
+        "excluded": [asdict(e) for e in lock.excluded],
+        "shadowed": [asdict(s) for s in lock.shadowed],
+        "warnings": list(lock.warnings),
+    }
+    header = [
+        f"# Lock for profile {lock.profile!r}, written by gpubuild resolve; do not edit.",
+        f"# Target: python {lock.python} on {lock.platform}. Digest: {lock.digest()}",
+        f"# Install: pip install --no-deps --require-hashes --target {install_dir} -r <this file>",
+        "# Provided by the base image (not shipped): "
+        + (", ".join(f"{p.name}=={p.version}" for p in lock.provided_by_base) or "none"),
+        "# Excluded by policy (the base provides them): "
+        + (
+            ", ".join(f"{e.name} (wanted by {', '.join(e.required_by)})" for e in lock.excluded)
+            or "none"
+        ),
+        _HEADER_KEY + json.dumps(report, sort_keys=True),
+        "",
+    ]
+    return "\n".join(header) + lock.body()
+
+
+def read_lock(path: Path) -> Lock:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read lock: {exc}") from None
+    report: dict[str, object] | None = None
+    for line in text.splitlines():
+        if line.startswith(_HEADER_KEY):
+            try:
+                report = json.loads(line[len(_HEADER_KEY) :])
+            except ValueError:
+                raise BadInputError(f"{path}: damaged gpubuild header; run resolve again") from None
+            break
+    if report is None or report.get("format") != LOCK_FORMAT:
+        raise BadInputError(f"{path}: not a gpubuild lock (format {LOCK_FORMAT}); run resolve")
+    return Lock(
+        profile=str(report["profile"]),
+        python=str(report["python"]),
+        platform=str(report["platform"]),
+        inputs=str(report["inputs"]),
+        backend=str(report["backend"]),
+        packages=tuple(parse_compiled(text)),
+        provided_by_base=tuple(Pinned(**p) for p in report["provided_by_base"]),  # type: ignore[union-attr]
+        excluded=tuple(
+            Excluded(e["name"], e["version"], tuple(e["required_by"]))
+            for e in report["excluded"]  # type: ignore[union-attr]
+        ),
+        shadowed=tuple(Shadowed(**s) for s in report["shadowed"]),  # type: ignore[union-attr]
+        warnings=tuple(report.get("warnings", ())),  # type: ignore[arg-type]
+    )
+
+
+def parse_compiled(text: str) -> list[LockedPackage]:
+    """Parse a compiled requirements file (uv's, pip-compile's, or ours) into pinned packages.
+
+    Understands `--hash` continuation lines, `# via` annotations in their one-line and multi-line
+    forms, uv's `# from URL` index annotation and our `# index: URL`.
+    """
+    packages: list[LockedPackage] = []
+    current: dict[str, object] | None = None
+    in_via = False
+
+    def flush() -> None:
+        if current is not None:
+            packages.append(
+                LockedPackage(
+                    name=str(current["name"]),
+                    version=str(current["version"]),
+                    hashes=tuple(current["hashes"]),  # type: ignore[arg-type]
+                    index_url=current["index"],  # type: ignore[arg-type]
+                    required_by=tuple(current["via"]),  # type: ignore[arg-type]
+                )
+            )
+
+    for raw in text.splitlines():
+        if not raw.strip():
+            continue
+        if not raw[0].isspace():
+            in_via = False
+            match = _PIN.match(raw)
+            if raw.startswith("#") or raw.startswith("-") or not match:
+                continue
+            flush()
+            current = {
+                "name": canonicalize_name(match["name"]),
+                "version": match["version"],
+                "hashes": _HASH.findall(raw),
+                "index": None,
+                "via": [],
+            }
+            continue
+        if current is None:
+            continue
+        line = raw.strip()
+        if line.startswith("--hash="):
+            in_via = False
+            current["hashes"].extend(_HASH.findall(line))  # type: ignore[union-attr]
+        elif line.startswith("# via"):
+            rest = line[len("# via") :].strip()
+            in_via = not rest
+            if rest:
+                current["via"].extend(_via_names(rest))  # type: ignore[union-attr]
+        elif line.startswith("# from ") or line.startswith("# index: "):
+            in_via = False
+            current["index"] = line.split(" ", 2)[2].strip()
+        elif in_via and line.startswith("#"):
+            current["via"].extend(_via_names(line.lstrip("#").strip()))  # type: ignore[union-attr]
+    flush()
+    return packages
+
+
+def _via_names(text: str) -> list[str]:
+    names = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if part.startswith("-r ") or part.startswith("-c "):
+            names.append("(profile)")
+        else:
+            names.append(canonicalize_name(part.split()[0]))
+    return names

@@ -1,0 +1,294 @@
+"""The profile: the input contract (DESIGN.md, "Profile"). Loading validates every key."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from builder.errors import ProfileError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+NAME_PATTERN = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+PYTHON_PATTERN = re.compile(r"^3\.\d{1,2}$")
+# The forms of uv's --python-platform that name a Linux target (the worker is always Linux).
+PLATFORM_PATTERN = re.compile(
+    r"^(x86_64|aarch64)-(manylinux_2_\d{1,2}|manylinux2014|unknown-linux-gnu)$|^linux$"
+)
+DEFAULT_INSTALL_DIR = "/shared-packages"
+
+
+@dataclass(frozen=True)
+class Target:
+    base_image: str
+    base_packages: Path
+    python: str
+    platform: str
+    interpreter: str
+    install_dir: str = DEFAULT_INSTALL_DIR
+    base_image_download_bytes: int | None = None
+    base_image_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Policy:
+    constraints: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    allow_shadow: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Index:
+    name: str
+    url: str
+    packages: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Profile:
+    path: Path
+    name: str
+    description: str
+    target: Target
+    heavy: tuple[str, ...]
+    light: tuple[str, ...] = ()
+    policy: Policy = field(default_factory=Policy)
+    indexes: tuple[Index, ...] = ()
+
+    def index_for(self, package: str) -> Index | None:
+        wanted = canonicalize_name(package)
+        for index in self.indexes:
+            if wanted in index.packages:
+                return index
+        return None
+
+
+_TOP_KEYS = {"name", "description", "target", "heavy", "light", "policy", "index"}
+_TARGET_KEYS = {
+    "base_image",
+    "base_packages",
+    "python",
+    "platform",
+    "interpreter",
+    "install_dir",
+    "base_image_download_bytes",
+    "base_image_bytes",
+}
+_TARGET_REQUIRED = {"base_image", "base_packages", "python", "platform", "interpreter"}
+_POLICY_KEYS = {"constraints", "exclude", "allow_shadow"}
+_INDEX_KEYS = {"name", "url", "packages"}
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Read and validate a profile; any problem raises ProfileError naming the file and key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ProfileError(path, None, "no such profile file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError(path, None, f"cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(path, None, f"not valid TOML: {exc}") from None
+    return parse_profile(raw, path)
+
+
+def parse_profile(raw: dict[str, Any], path: Path) -> Profile:
+    _reject_unknown(raw, _TOP_KEYS, path, "")
+    name = _string(raw, "name", path, "name")
+    if not NAME_PATTERN.match(name):
+        raise ProfileError(
+            path, "name", f"{name!r} must match [a-z0-9-]+ (lowercase, digits, dashes)"
+        )
+    description = _string(raw, "description", path, "description", required=False) or ""
+    target = _parse_target(_table(raw, "target", path, required=True), path)
+    heavy_table = _table(raw, "heavy", path, required=True)
+    _reject_unknown(heavy_table, {"requirements"}, path, "heavy")
+    heavy = _requirements(heavy_table, "requirements", path, "heavy.requirements", required=True)
+    if not heavy:
+        raise ProfileError(path, "heavy.requirements", "lists no requirement")
+    light_table = _table(raw, "light", path, required=False)
+    _reject_unknown(light_table, {"requirements"}, path, "light")
+    light = _requirements(light_table, "requirements", path, "light.requirements", required=False)
+    policy = _parse_policy(_table(raw, "policy", path, required=False), path)
+    indexes = _parse_indexes(raw.get("index", []), path)
+    _check_heavy_light_disjoint(heavy, light, path)
+    return Profile(
+        path=path,
+        name=name,
+        description=description,
+        target=target,
+        heavy=heavy,
+        light=light,
+        policy=policy,
+        indexes=indexes,
+    )
+
+
+def _parse_target(table: dict[str, Any], path: Path) -> Target:
+    _reject_unknown(table, _TARGET_KEYS, path, "target")
+    for key in sorted(_TARGET_REQUIRED - table.keys()):
+        raise ProfileError(path, f"target.{key}", "is required")
+    values = {key: _string(table, key, path, f"target.{key}") for key in _TARGET_REQUIRED}
+    if not PYTHON_PATTERN.match(values["python"]):
+        raise ProfileError(path, "target.python", f'{values["python"]!r} must look like "3.10"')
+    if not PLATFORM_PATTERN.match(values["platform"]):
+        raise ProfileError(
+            path,
+            "target.platform",
+            f"{values['platform']!r} is not a Linux platform uv knows "
+            "(for example x86_64-manylinux_2_28)",
+        )
+    if not PurePosixPath(values["interpreter"]).is_absolute():
+        raise ProfileError(path, "target.interpreter", "must be an absolute path")
+    install_dir = _string(table, "install_dir", path, "target.install_dir", required=False)
+    install_dir = install_dir or DEFAULT_INSTALL_DIR
+    if not PurePosixPath(install_dir).is_absolute() or install_dir.rstrip("/") == "":
+        raise ProfileError(path, "target.install_dir", "must be an absolute path other than /")
+    base_packages = (path.parent / values["base_packages"]).resolve()
+    if not base_packages.is_file():
+        raise ProfileError(
+            path, "target.base_packages", f"base snapshot {base_packages} does not exist"
+        )
+    sizes = {}
+    for key in ("base_image_download_bytes", "base_image_bytes"):
+        value = table.get(key)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value <= 0
+        ):
+            raise ProfileError(path, f"target.{key}", "must be a positive integer (bytes)")
+        sizes[key] = value
+    return Target(
+        base_image=values["base_image"],
+        base_packages=base_packages,
+        python=values["python"],
+        platform=values["platform"],
+        interpreter=values["interpreter"],
+        install_dir=install_dir.rstrip("/"),
+        **sizes,
+    )
+
+
+def _parse_policy(table: dict[str, Any], path: Path) -> Policy:
+    _reject_unknown(table, _POLICY_KEYS, path, "policy")
+    constraints = _requirements(table, "constraints", path, "policy.constraints", required=False)
+    exclude = _names(table, "exclude", path, "policy.exclude")
+    allow_shadow = _names(table, "allow_shadow", path, "policy.allow_shadow")
+    return Policy(constraints=constraints, exclude=exclude, allow_shadow=allow_shadow)
+
+
+def _parse_indexes(value: Any, path: Path) -> tuple[Index, ...]:
+    if not isinstance(value, list):
+        raise ProfileError(path, "index", "must be an array of tables ([[index]])")
+    indexes: list[Index] = []
+    owner: dict[str, str] = {}
+    for number, table in enumerate(value):
+        key = f"index[{number}]"
+        if not isinstance(table, dict):
+            raise ProfileError(path, key, "must be a table")
+        _reject_unknown(table, _INDEX_KEYS, path, key)
+        name = _string(table, "name", path, f"{key}.name")
+        if not NAME_PATTERN.match(name):
+            raise ProfileError(path, f"{key}.name", f"{name!r} must match [a-z0-9-]+")
+        if any(index.name == name for index in indexes):
+            raise ProfileError(path, f"{key}.name", f"index {name!r} is defined twice")
+        url = _string(table, "url", path, f"{key}.url")
+        if not re.match(r"^(https?|file)://", url):
+            raise ProfileError(path, f"{key}.url", f"{url!r} must be an http(s):// or file:// URL")
+        packages = _names(table, "packages", path, f"{key}.packages")
+        if not packages:
+            raise ProfileError(path, f"{key}.packages", "lists no package")
+        for package in packages:
+            if package in owner:
+                raise ProfileError(
+                    path,
+                    f"{key}.packages",
+                    f"{package} is already taken from index {owner[package]!r}",
+                )
+            owner[package] = name
+        indexes.append(Index(name=name, url=url.rstrip("/"), packages=packages))
+    return tuple(indexes)
+
+
+def _check_heavy_light_disjoint(heavy: tuple[str, ...], light: tuple[str, ...], path: Path) -> None:
+    heavy_names = {canonicalize_name(Requirement(r).name) for r in heavy}
+    for requirement in light:
+        name = canonicalize_name(Requirement(requirement).name)
+        if name in heavy_names:
+            raise ProfileError(
+                path, "light.requirements", f"{name} is also under [heavy]; list it in one place"
+            )
+
+
+def _reject_unknown(table: dict[str, Any], allowed: set[str], path: Path, where: str) -> None:
+    for key in sorted(set(table) - allowed):
+        full = f"{where}.{key}" if where else key
+        raise ProfileError(path, full, f"unknown key (allowed here: {', '.join(sorted(allowed))})")
+
+
+def _table(raw: dict[str, Any], key: str, path: Path, *, required: bool) -> dict[str, Any]:
+    if key not in raw:
+        if required:
+            raise ProfileError(path, key, "table is required")
+        return {}
+    value = raw[key]
+    if not isinstance(value, dict):
+        raise ProfileError(path, key, "must be a table")
+    return value
+
+
+def _string(raw: dict[str, Any], key: str, path: Path, full: str, *, required: bool = True) -> str:
+    if key not in raw:
+        if required:
+            raise ProfileError(path, full, "is required")
+        return ""
+    value = raw[key]
+    if not isinstance(value, str) or not value.strip():
+        raise ProfileError(path, full, "must be a non-empty string")
+    return value.strip()
+
+
+def _string_list(raw: dict[str, Any], key: str, path: Path, full: str, required: bool) -> list[str]:
+    if key not in raw:
+        if required:
+            raise ProfileError(path, full, "is required")
+        return []
+    value = raw[key]
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ProfileError(path, full, "must be an array of strings")
+    return value
+
+
+def _requirements(
+    raw: dict[str, Any], key: str, path: Path, full: str, *, required: bool
+) -> tuple[str, ...]:
+    parsed: list[str] = []
+    for item in _string_list(raw, key, path, full, required):
+        try:
+            requirement = Requirement(item)
+        except InvalidRequirement as exc:
+            raise ProfileError(path, full, f"{item!r} is not a valid requirement: {exc}") from None
+        if requirement.url:
+            raise ProfileError(
+                path, full, f"{item!r}: direct URL requirements cannot be verified; use an index"
+            )
+        parsed.append(str(requirement))
+    return tuple(parsed)
+
+
+def _names(raw: dict[str, Any], key: str, path: Path, full: str) -> tuple[str, ...]:
+    names: list[str] = []
+    for item in _string_list(raw, key, path, full, required=False):
+        if not re.match(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$", item):
+            raise ProfileError(path, full, f"{item!r} is not a package name")
+        names.append(canonicalize_name(item))
+    return tuple(names)
