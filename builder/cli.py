@@ -146,5 +146,131 @@ def base_snapshot(image: str, output: Path) -> None:
     click.echo(f"{len(packages)} distributions from {image} ({interpreter}) -> {output}", err=True)
 
 
+# --- builder.store: gpubuild sas (owner: store.py) -----------------------------------------
+
+
+@main.command("sas")
+@click.argument("store_url")
+@click.option(
+    "--expires-in",
+    default="24h",
+    show_default=True,
+    help="How long the token stays valid: 90s, 30m, 24h, 7d.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the token to this file (mode 0600) instead of stdout.",
+)
+def sas(store_url: str, expires_in: str, out: Path | None) -> None:
+    """Make a read-only SAS token for STORE_URL's container, for the init script.
+
+    \b
+    The token allows reading blobs only (no list, write or delete), for the whole
+    container: shards under blobs/ are shared by every profile, and Azure has no
+    prefix-scoped SAS without a hierarchical namespace. It is signed with the account
+    key from AZURE_STORAGE_CONNECTION_STRING, or with a user delegation key from your
+    Azure AD sign-in (at most 7 days). The token goes to --out or stdout, never to logs.
+
+    \b
+    Example:
+      gpubuild sas az://myaccount/gpu-cache --expires-in 24h --out sas.txt
+      kubectl create secret generic gpubuild-sas --from-file=sas=sas.txt
+    """
+    from builder.store import (
+        describe_read_sas,
+        make_read_sas,
+        open_store,
+        parse_duration,
+        sas_expiry_for,
+        write_secret_file,
+    )
+
+    expiry = sas_expiry_for(parse_duration(expires_in))
+    store = open_store(store_url)
+    token = make_read_sas(store, expiry=expiry)
+    if out is not None:
+        write_secret_file(out, token)
+    else:
+        click.echo(token)
+    click.echo(f"{describe_read_sas(store, expiry)} -> {out or 'stdout'}", err=True)
+
+
+# --- builder.pack: gpubuild pack (owner: pack.py) -------------------------------------------
+
+
+@main.command("pack")
+@click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Store folder for blobs/ and PROFILE/DIGEST/manifest.json "
+    "(default: the local store, $XDG_CACHE_HOME/gpubuild/store).",
+)
+@click.option(
+    "--lock",
+    "lock_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The lock to pack (default: <profile>.lock beside the profile); resolved first when "
+    "missing or stale.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--index-url", metavar="URL", help="Default package index, as for resolve.")
+@click.option(
+    "--index",
+    "index_overrides",
+    multiple=True,
+    metavar="NAME=URL",
+    help="Replace the URL of the profile's [[index]] NAME (NAME=default: the default index). "
+    "Repeatable.",
+)
+def pack_command(
+    profile: Path,
+    out_dir: Path | None,
+    lock_path: Path | None,
+    as_json: bool,
+    index_url: str | None,
+    index_overrides: tuple[str, ...],
+) -> None:
+    """Install PROFILE's lock for its target and write it as content-addressed shards.
+
+    \b
+    Writes OUT/blobs/<sha256>.tar.zst (one shard per large distribution, small ones
+    grouped) and, last, OUT/<profile>/<digest>/manifest.json with the environment
+    (PYTHONPATH, LD_LIBRARY_PATH) the pod needs. A digest already packed is reused.
+
+    \b
+    Example:
+      gpubuild pack profiles/onnx-gpu.toml --out ./store --json
+    """
+    from builder.pack import default_store_dir, manifest_document, pack
+    from builder.profile import load_profile
+    from builder.resolve import IndexSettings
+
+    loaded = load_profile(profile)
+    settings = IndexSettings(
+        default_url=index_url, overrides=_parse_index_overrides(index_overrides)
+    )
+    out = out_dir or default_store_dir()
+    click.echo(f"packing {loaded.name} into {out} ...", err=True)
+    result = pack(
+        loaded,
+        lock_path=lock_path,
+        out_dir=out,
+        settings=settings,
+        on_progress=lambda message: click.echo(message, err=True),
+    )
+    manifest = result.manifest
+    state = "reused" if result.reused else "written"
+    click.echo(
+        f"manifest {state}: {result.manifest_path} ({len(manifest.shards)} shards,"
+        f" {manifest.total_bytes / 1e6:.1f} MB, {manifest.total_files} files)",
+        err=True,
+    )
+    if as_json:
+        _emit_json(manifest_document(result))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

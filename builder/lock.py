@@ -222,7 +222,9 @@ def _via_names(text: str) -> list[str]:
         part = part.strip()
         if not part:
             continue
-        if part.startswith("-r ") or part.startswith("-c "):
+        if part.startswith("-c "):
+            continue  # a constraint narrows versions; it does not want the package
+        if part.startswith("-r "):
             names.append("(profile)")
         else:
             names.append(canonicalize_name(part.split()[0]))

@@ -17,7 +17,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from packaging.requirements import Requirement
-from packaging.tags import sys_tags
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
@@ -340,6 +339,8 @@ def host_matches_target(profile: Profile) -> bool:
     if not sysconfig.get_platform().endswith(arch):
         return False
     if flavour.startswith("manylinux_"):
+        from packaging.tags import sys_tags
+
         wanted = f"{flavour}_{arch}"
         return any(tag.platform == wanted for tag in sys_tags())
     return True

@@ -22,9 +22,11 @@ def uv_bin() -> str:
 
 @cache
 def uv_version() -> str:
-    return subprocess.run(
-        [uv_bin(), "--version"], capture_output=True, text=True, check=True
-    ).stdout.split("(")[0].strip()
+    return (
+        subprocess.run([uv_bin(), "--version"], capture_output=True, text=True, check=True)
+        .stdout.split("(")[0]
+        .strip()
+    )
 
 
 def uv_env(extra: dict[str, str] | None = None) -> dict[str, str]:

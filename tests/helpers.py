@@ -1,0 +1,88 @@
+"""Small helpers shared by the test modules: running the CLI and writing profiles."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> dict:
+        return json.loads(self.stdout)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> CliResult:
+    """Run `gpubuild` as a user would: a separate process, real exit status."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "builder.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+BASE_SNAPSHOT = """\
+# test base image
+protobuf==4.25.8
+numpy==1.26.4
+click==8.1.7
+packaging==23.0
+grpcio==1.74.0
+"""
+
+
+def write_profile(
+    folder: Path,
+    *,
+    heavy: list[str],
+    name: str = "test-profile",
+    python: str = "3.10",
+    platform: str = "x86_64-manylinux_2_28",
+    constraints: list[str] | None = None,
+    exclude: list[str] | None = None,
+    allow_shadow: list[str] | None = None,
+    indexes: list[dict] | None = None,
+    base: str = BASE_SNAPSHOT,
+    extra: str = "",
+) -> Path:
+    """A profile and its base snapshot in `folder`; returns the profile path."""
+    (folder / "bases").mkdir(parents=True, exist_ok=True)
+    (folder / "bases" / "base.txt").write_text(base)
+    lines = [
+        f'name = "{name}"',
+        "[target]",
+        'base_image = "gpubuild-test/base:bookworm"',
+        'base_packages = "bases/base.txt"',
+        f'python = "{python}"',
+        f'platform = "{platform}"',
+        'interpreter = "/usr/bin/python3"',
+        'install_dir = "/shared-packages"',
+        "[heavy]",
+        f"requirements = {json.dumps(heavy)}",
+        "[policy]",
+        f"constraints = {json.dumps(constraints if constraints is not None else ['protobuf<5', 'numpy<2'])}",
+        f"exclude = {json.dumps(exclude if exclude is not None else ['click'])}",
+        f"allow_shadow = {json.dumps(allow_shadow or [])}",
+    ]
+    for index in indexes or []:
+        lines += [
+            "[[index]]",
+            f"name = {json.dumps(index['name'])}",
+            f"url = {json.dumps(index['url'])}",
+            f"packages = {json.dumps(index['packages'])}",
+        ]
+    path = folder / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n" + extra)
+    return path
