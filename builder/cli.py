@@ -146,6 +146,111 @@ def base_snapshot(image: str, output: Path) -> None:
     click.echo(f"{len(packages)} distributions from {image} ({interpreter}) -> {output}", err=True)
 
 
+def _index_settings(index_url: str | None, index_overrides: tuple[str, ...]) -> object:
+    from builder.resolve import IndexSettings
+
+    return IndexSettings(default_url=index_url, overrides=_parse_index_overrides(index_overrides))
+
+
+@main.command("publish-cache")
+@click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--store",
+    "store_url",
+    metavar="URL",
+    help="file://PATH, az://ACCOUNT/CONTAINER/PREFIX or an https blob URL "
+    "(default: the local store, $XDG_CACHE_HOME/gpubuild/store).",
+)
+@click.option(
+    "--lock",
+    "lock_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The lock (default: <profile>.lock beside the profile); resolved when missing or stale.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--index-url", metavar="URL", help="Default package index, as for resolve.")
+@click.option(
+    "--index",
+    "index_overrides",
+    multiple=True,
+    metavar="NAME=URL",
+    help="Replace the URL of the profile's [[index]] NAME (NAME=default: the default index).",
+)
+def publish_cache_command(
+    profile: Path,
+    store_url: str | None,
+    lock_path: Path | None,
+    as_json: bool,
+    index_url: str | None,
+    index_overrides: tuple[str, ...],
+) -> None:
+    """Resolve, pack and publish PROFILE's heavy set to a store; the main job of gpubuild.
+
+    \b
+    Uploads only the shards the store lacks, then the manifest last, so readers never
+    see a half-published digest. Already published and intact: uploads nothing.
+    Azure credentials, in this order: AZURE_STORAGE_CONNECTION_STRING, a SAS
+    (AZURE_STORAGE_SAS_TOKEN or the URL's query), DefaultAzureCredential.
+
+    \b
+    Examples:
+      gpubuild publish-cache profiles/onnx-gpu.toml
+      gpubuild publish-cache profiles/onnx-gpu.toml --store az://myaccount/gpubuild/prod --json
+    """
+    from builder.profile import load_profile
+    from builder.publish import publish_cache, publish_document
+    from builder.store import default_store_url
+
+    loaded = load_profile(profile)
+    result = publish_cache(
+        loaded,
+        store_url=store_url or default_store_url(),
+        lock_path=lock_path,
+        settings=_index_settings(index_url, index_overrides),  # type: ignore[arg-type]
+        on_progress=lambda message: click.echo(message, err=True),
+    )
+    if result.already_published:
+        summary = "already published, nothing uploaded"
+    else:
+        summary = (
+            f"{result.shards_uploaded} shard(s) uploaded ({result.bytes_uploaded / 1e6:,.1f} MB),"
+            f" {result.shards_present} already there"
+        )
+    click.echo(
+        f"{result.profile} {result.digest}: {summary}\n"
+        f"  store:    {result.store}\n  manifest: {result.manifest_url}\n"
+        f"  size:     {result.bytes_total / 1e6:,.1f} MB in {len(result.manifest.shards)} shard(s)",
+        err=True,
+    )
+    if as_json:
+        _emit_json(publish_document(result))
+
+
+@main.command("fetch")
+@click.argument("artifact_url", metavar="STORE_URL/PROFILE/DIGEST")
+@click.option(
+    "--into",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Folder to unpack into (must be new or empty).",
+)
+def fetch_command(artifact_url: str, into: Path) -> None:
+    """Download, verify and unpack one published digest, as the init script does.
+
+    \b
+    Every shard's sha256, its tar's sha256 and its file count are checked before
+    anything appears in the folder. A SAS may come from AZURE_STORAGE_SAS_TOKEN.
+
+    \b
+    Example:
+      gpubuild fetch file://$HOME/.cache/gpubuild/store/onnx-gpu/<digest> --into /tmp/sp
+    """
+    from builder.fetch import fetch
+
+    result = fetch(artifact_url, into, on_progress=lambda message: click.echo(message, err=True))
+    click.echo(f"{result.files} files in {result.into}", err=True)
+
+
 # --- builder.store: gpubuild sas (owner: store.py) -----------------------------------------
 
 

@@ -50,6 +50,7 @@ from builder.tree import (
     assign_owners,
     distribution_sizes,
     find_pth_files,
+    fix_tree,
     library_dirs,
     list_tree,
     plan_shards,
@@ -409,10 +410,13 @@ def _install_error(stderr: str, lock_path: Path, dest: Path, index: str) -> Gpub
     if "No space left on device" in text or "os error 28" in text:
         used = sum(e.size for e in list_tree(dest).entries) if dest.is_dir() else 0
         free = shutil.disk_usage(dest.parent).free
+        cause = [line.strip() for line in text.splitlines() if "os error 28" in line]
         return DiskFullError(
-            f"out of disk space in {dest.parent} while installing {lock_path}: the tree had"
-            f" reached {_mb(used)} and {_mb(free)} are free. Free some space or pack into a"
-            " folder on a bigger disk (--out DIR).\n" + text
+            f"out of disk space while installing {lock_path} into {dest}: a file did not fit"
+            f" with {_mb(used)} of the tree installed and {_mb(free)} free. The tree and then"
+            " its shards (up to the tree's size again) must fit on that disk: free some space"
+            " or pack into a folder on a bigger disk (--out DIR).\nuv: "
+            + (cause[0] if cause else text.splitlines()[-1])
         )
     if "hash mismatch" in text.lower():
         return IntegrityError(
@@ -423,82 +427,6 @@ def _install_error(stderr: str, lock_path: Path, dest: Path, index: str) -> Gpub
 
 
 # --- fix and check ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TreeFixes:
-    shebangs: tuple[str, ...]  # scripts now pointing at the target interpreter
-    removed: tuple[str, ...]  # __pycache__ folders, .pyc files, uv's lock file
-    pth_notes: tuple[str, ...]
-
-
-_PYTHON_SHEBANG = re.compile(rb"^#![^\n]*python[0-9.]*[^/\n]*\n")
-# uv and pip write this instead of a plain shebang when the interpreter path is too long or
-# has spaces: a shell line that re-executes the script with that interpreter.
-_SH_TRAMPOLINE = re.compile(rb"^#!/bin/sh\n'''exec' [^\n]*python[^\n]*\n' '''\n")
-
-
-def fix_tree(tree: Path, interpreter: str) -> TreeFixes:
-    """Make the tree right for the target: shebangs, no bytecode, uv's lock file gone."""
-    removed: list[str] = []
-    lock_file = tree / ".lock"  # uv --target leaves an empty lock file at the top
-    if lock_file.is_file() and lock_file.stat().st_size == 0:
-        lock_file.unlink()
-        removed.append(".lock")
-    for folder, dirnames, filenames in os.walk(tree):
-        here = Path(folder)
-        if "__pycache__" in dirnames:
-            dirnames.remove("__pycache__")
-            shutil.rmtree(here / "__pycache__")
-            removed.append(str((here / "__pycache__").relative_to(tree)))
-        for name in filenames:
-            # A .pyc without its .py is a sourceless module, not a cache: keep it.
-            if name.endswith(".pyc") and (here / name[:-1]).exists():
-                (here / name).unlink()
-                removed.append(str((here / name).relative_to(tree)))
-    shebangs = _rewrite_shebangs(tree, interpreter)
-    listing = list_tree(tree)
-    notes = tuple(pth_note(p) for p in find_pth_files(tree, listing))
-    return TreeFixes(tuple(shebangs), tuple(sorted(removed)), notes)
-
-
-def _rewrite_shebangs(tree: Path, interpreter: str) -> list[str]:
-    bin_dir = tree / "bin"
-    if not bin_dir.is_dir():
-        return []
-    new_line = f"#!{interpreter}\n".encode()
-    changed: dict[str, bytes] = {}
-    for script in sorted(bin_dir.iterdir()):
-        if script.is_symlink() or not script.is_file():
-            continue
-        data = script.read_bytes()
-        match = _SH_TRAMPOLINE.match(data) or _PYTHON_SHEBANG.match(data)
-        if match is None or data.startswith(new_line):
-            continue
-        data = new_line + data[match.end() :]
-        script.write_bytes(data)  # in place: keeps the mode
-        changed[f"bin/{script.name}"] = data
-    if changed:
-        _update_records(tree, changed)
-    return sorted(changed)
-
-
-def _update_records(tree: Path, changed: Mapping[str, bytes]) -> None:
-    """Keep RECORD true to the rewritten scripts, as pip does when it writes them."""
-    import base64
-
-    for record in tree.glob("*.dist-info/RECORD"):
-        lines = record.read_text(encoding="utf-8").splitlines()
-        updated = False
-        for number, line in enumerate(lines):
-            path = line.split(",", 1)[0]
-            if path in changed:
-                digest = hashlib.sha256(changed[path]).digest()
-                encoded = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-                lines[number] = f"{path},sha256={encoded},{len(changed[path])}"
-                updated = True
-        if updated:
-            record.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def check_tree(tree: Path, lock: Lock, profile: Profile) -> None:

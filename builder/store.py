@@ -28,7 +28,6 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 from builder.errors import BadInputError, IntegrityError, NotPublishedError, StoreError
 from builder.manifest import blob_key, manifest_key
 
-SCHEMES = ("file://PATH", "az://ACCOUNT/CONTAINER[/PREFIX]", "https://", "http://")
 _SCHEME_HELP = (
     "file://PATH (or an absolute path), az://ACCOUNT/CONTAINER[/PREFIX], "
     "https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX][?SAS], "
@@ -81,7 +80,7 @@ class AzureLocation:
     container: str
     prefix: str  # "" or "a/b" (no leading or trailing slash)
     endpoint: str | None  # the account's blob endpoint; None for az:// (decided by credentials)
-    query: str  # the URL's query string (a SAS), "" when none
+    query: str = field(repr=False)  # the URL's query string (a SAS), "" when none
     display_url: str  # the URL as given, without its query
 
     def with_endpoint(self, endpoint: str) -> AzureLocation:
@@ -559,22 +558,24 @@ class _ChunkReader(io.RawIOBase):
     """A file-like reader over `download_blob().chunks()`; errors mapped as the store maps them."""
 
     def __init__(
-        self, chunks: Iterator[bytes], errors: Callable[[], contextlib.AbstractContextManager[None]]
+        self,
+        chunks: Iterator[bytes],
+        errors: Callable[[], contextlib.AbstractContextManager[None]],
     ) -> None:
         self._chunks = chunks
         self._errors = errors
-        self._pending = b""
+        self._pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while not self._pending:
+        while not len(self._pending):
             with self._errors():
                 chunk = next(self._chunks, None)
             if chunk is None:
                 return 0
-            self._pending = chunk
+            self._pending = memoryview(chunk)
         count = min(len(buffer), len(self._pending))
         buffer[:count] = self._pending[:count]
         self._pending = self._pending[count:]
@@ -727,24 +728,25 @@ class AzureStore(Store):
 
     def _ensure_container(self) -> None:
         """Create the container once, when a write finds it missing and the credential may."""
-        from azure.core.exceptions import ResourceExistsError
+        from azure.core.exceptions import HttpResponseError, ResourceExistsError
 
         with self._container_lock:
             if self._container_checked:
                 return
-            try:
-                with (
-                    self._errors(f"creating container {self.container}"),
-                    contextlib.suppress(ResourceExistsError),
-                ):
-                    self._container.create_container()
-            except StoreError as exc:
-                raise StoreError(
-                    f"container {self.container} does not exist at {self.display_url} and "
-                    f"could not be created ({exc}); create it (az storage container create "
-                    f"--name {self.container} --account-name {self.account}) or use a "
-                    "credential that may"
-                ) from None
+            with self._errors(f"creating container {self.container}"):
+                try:
+                    with contextlib.suppress(ResourceExistsError):
+                        self._container.create_container()
+                except HttpResponseError as exc:
+                    code = _error_code(exc) or f"HTTP {exc.status_code}"
+                    raise StoreError(
+                        f"container {self.container} does not exist at {self.display_url} and "
+                        f"the credential from {self.credentials.source} cannot create it "
+                        f"({code}): create it (az storage container create --name "
+                        f"{self.container} --account-name {self.account}), or use a "
+                        "credential that may (an account key, or the Storage Blob Data "
+                        "Contributor role)"
+                    ) from None
             self._container_checked = True
 
     # -- the interface
@@ -878,7 +880,11 @@ def _first_line(text: str) -> str:
 def open_store(
     url: str, *, sas: str | None = None, max_concurrency: int = _DEFAULT_CONCURRENCY
 ) -> Store:
-    """Open the store at `url` (see SCHEMES). Touches no network: errors come on first use."""
+    """Open the store at `url` (file://, a path, az://, https:// or Azurite's http://).
+
+    Touches no network: an unreachable store or refused credentials fail on first use.
+    `sas` is used when the URL carries none and AZURE_STORAGE_CONNECTION_STRING does not apply.
+    """
     location = parse_store_url(url)
     if isinstance(location, FileLocation):
         if sas:

@@ -1,11 +1,13 @@
-"""Reading an installed tree: its files, which distribution owns each, how they become shards.
+"""An installed tree: its files, which distribution owns each, how they become shards, and the
+fixes it needs for its new home (`fix_tree`).
 
-Everything here only reads the tree; pack.py writes. The planning functions are pure so that
-the shard layout (which decides what an upgrade re-uploads) can be tested without any files.
+The planning functions are pure so that the shard layout (which decides what an upgrade
+re-uploads) can be tested without any files; pack.py writes the shards.
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import email.parser
 import hashlib
@@ -13,6 +15,7 @@ import io
 import os
 import posixpath
 import re
+import shutil
 import stat
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -281,3 +284,80 @@ def pth_note(pth: PthFile) -> str:
     if not pth.paths and not pth.runs_code:
         parts.append("it names no folder of the tree")
     return "; ".join(parts)
+
+
+# --- fixing the tree for the target -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeFixes:
+    shebangs: tuple[str, ...]  # scripts now pointing at the target interpreter
+    removed: tuple[str, ...]  # __pycache__ folders, .pyc files, uv's lock file
+    pth_notes: tuple[str, ...]
+
+
+_PYTHON_SHEBANG = re.compile(rb"^#![^\n]*python[0-9.]*[^/\n]*\n")
+# uv and pip write this instead of a plain shebang when the interpreter path is too long or
+# has spaces: a shell line that re-executes the script with that interpreter.
+_SH_TRAMPOLINE = re.compile(rb"^#!/bin/sh\n'''exec' [^\n]*python[^\n]*\n' '''\n")
+
+
+def fix_tree(tree: Path, interpreter: str) -> TreeFixes:
+    """Make the tree right for the target: shebangs, no bytecode, uv's lock file gone."""
+    removed: list[str] = []
+    lock_file = tree / ".lock"  # uv --target leaves an empty lock file at the top
+    if lock_file.is_file() and lock_file.stat().st_size == 0:
+        lock_file.unlink()
+        removed.append(".lock")
+    for folder, dirnames, filenames in os.walk(tree):
+        here = Path(folder)
+        if "__pycache__" in dirnames:
+            dirnames.remove("__pycache__")
+            shutil.rmtree(here / "__pycache__")
+            removed.append(str((here / "__pycache__").relative_to(tree)))
+        for name in filenames:
+            # A .pyc without its .py is a sourceless module, not a cache: keep it.
+            if name.endswith(".pyc") and (here / name[:-1]).exists():
+                (here / name).unlink()
+                removed.append(str((here / name).relative_to(tree)))
+    shebangs = _rewrite_shebangs(tree, interpreter)
+    listing = list_tree(tree)
+    notes = tuple(pth_note(p) for p in find_pth_files(tree, listing))
+    return TreeFixes(tuple(shebangs), tuple(sorted(removed)), notes)
+
+
+def _rewrite_shebangs(tree: Path, interpreter: str) -> list[str]:
+    bin_dir = tree / "bin"
+    if not bin_dir.is_dir():
+        return []
+    new_line = f"#!{interpreter}\n".encode()
+    changed: dict[str, bytes] = {}
+    for script in sorted(bin_dir.iterdir()):
+        if script.is_symlink() or not script.is_file():
+            continue
+        data = script.read_bytes()
+        match = _SH_TRAMPOLINE.match(data) or _PYTHON_SHEBANG.match(data)
+        if match is None or data.startswith(new_line):
+            continue
+        data = new_line + data[match.end() :]
+        script.write_bytes(data)  # in place: keeps the mode
+        changed[f"bin/{script.name}"] = data
+    if changed:
+        _update_records(tree, changed)
+    return sorted(changed)
+
+
+def _update_records(tree: Path, changed: Mapping[str, bytes]) -> None:
+    """Keep RECORD true to the rewritten scripts, as pip does when it writes them."""
+    for record in tree.glob("*.dist-info/RECORD"):
+        lines = record.read_text(encoding="utf-8").splitlines()
+        updated = False
+        for number, line in enumerate(lines):
+            path = line.split(",", 1)[0]
+            if path in changed:
+                digest = hashlib.sha256(changed[path]).digest()
+                encoded = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+                lines[number] = f"{path},sha256={encoded},{len(changed[path])}"
+                updated = True
+        if updated:
+            record.write_text("\n".join(lines) + "\n", encoding="utf-8")
