@@ -58,9 +58,11 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         build_wheel(dists, "click", "8.1.7"),
     ]
     root = tmp_path_factory.mktemp("publish-index")
-    write_simple_index(wheels, root)
+    # A unique path: uv caches by URL, and a later server may reuse this port.
+    prefix = uuid.uuid4().hex[:8]
+    write_simple_index(wheels, root / prefix)
     with serve_directory(root) as url:
-        yield f"{url}/simple"
+        yield f"{url}/{prefix}/simple"
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,9 +49,11 @@ def main_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         build_wheel(dists, "torchlike", "9.9"),
     ]
     root = tmp_path_factory.mktemp("main-index")
-    write_simple_index(wheels, root)
+    # A unique path: uv caches by URL, and a later server may reuse this port.
+    prefix = uuid.uuid4().hex[:8]
+    write_simple_index(wheels, root / prefix)
     with serve_directory(root) as url:
-        yield f"{url}/simple"
+        yield f"{url}/{prefix}/simple"
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +61,11 @@ def second_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     dists = tmp_path_factory.mktemp("second-dists")
     wheels = [build_wheel(dists, "torchlike", "2.3.1", requires=["numpy"], tag=PLATFORM_TAG)]
     root = tmp_path_factory.mktemp("second-index")
-    write_simple_index(wheels, root)
+    # A unique path: uv caches by URL, and a later server may reuse this port.
+    prefix = uuid.uuid4().hex[:8]
+    write_simple_index(wheels, root / prefix)
     with serve_directory(root) as url:
-        yield f"{url}/simple"
+        yield f"{url}/{prefix}/simple"
 
 
 def _resolve(tmp_path: Path, index: str, **profile: object):
