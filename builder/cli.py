@@ -377,5 +377,521 @@ def pack_command(
         _emit_json(manifest_document(result))
 
 
+# --- builder.initscript / builder.k8s: init-script, k8s patch (owner: initscript.py, k8s.py) --
+
+
+def _published(profile: Path, store_url: str | None, lock_path: Path | None) -> object:
+    from builder.initscript import find_published
+    from builder.profile import load_profile
+    from builder.store import default_store_url
+
+    return find_published(load_profile(profile), store_url or default_store_url(), lock_path)
+
+
+_STORE_HELP = (
+    "The store the profile was published to: file://PATH, az://ACCOUNT/CONTAINER/PREFIX or an "
+    "https blob URL (default: the local store). The script reads it at the same place unless "
+    "GPUBUILD_STORE_URL says otherwise."
+)
+
+
+@main.command("init-script")
+@click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--store", "store_url", metavar="URL", help=_STORE_HELP)
+@click.option(
+    "--lock",
+    "lock_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The lock (default: <profile>.lock beside the profile).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("init.sh"),
+    show_default=True,
+    help="Where to write the script.",
+)
+@click.option(
+    "--k8s-out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the Kubernetes snippet (initContainer, volume, mounts, env) here.",
+)
+@click.option(
+    "--fallback",
+    type=click.Choice(["pip"]),
+    help="Build in a pip install of the lock, used only when the store cannot be reached.",
+)
+@click.option("--image", metavar="IMAGE", help="The init image, for the snippet.")
+@click.option("--secret", metavar="NAME", help="A Secret whose key 'sas' holds the SAS.")
+def init_script_command(
+    profile: Path,
+    store_url: str | None,
+    lock_path: Path | None,
+    output: Path,
+    k8s_out: Path | None,
+    fallback: str | None,
+    image: str | None,
+    secret: str | None,
+) -> None:
+    """Write the initContainer script for PROFILE's published digest (and its k8s snippet).
+
+    \b
+    The script pins the digest and every shard's sha256; it downloads shards in
+    parallel, verifies them, and switches the volume to the new set only when all
+    of it is there. Settings at run time: GPUBUILD_TARGET, GPUBUILD_STORE_URL,
+    GPUBUILD_SAS / GPUBUILD_SAS_FILE, GPUBUILD_PARALLEL, GPUBUILD_RETRIES.
+    Build the init image around it: docker build -f Dockerfile.init .
+
+    \b
+    Example:
+      gpubuild init-script profiles/onnx-gpu.toml --store az://acct/gpubuild/prod \\
+          -o init.sh --k8s-out init-container.yaml --secret gpubuild-sas
+    """
+    from builder.initscript import Published, render_init_script, write_script
+    from builder.k8s import pod_snippet, render_snippet
+
+    found = _published(profile, store_url, lock_path)
+    assert isinstance(found, Published)
+    manifest = found.manifest
+    text = render_init_script(
+        manifest, found.store_base_url, fallback_lock=found.lock_text if fallback else None
+    )
+    write_script(output, text)
+    click.echo(
+        f"{manifest.profile} {manifest.digest[:12]}: {len(manifest.shards)} shards, "
+        f"{manifest.total_bytes / 1e6:,.1f} MB from {found.store_display_url} -> {output}",
+        err=True,
+    )
+    if k8s_out:
+        snippet = render_snippet(pod_snippet(manifest, image=image, secret=secret))
+        write_script(k8s_out, snippet, mode=0o644)
+        click.echo(f"Kubernetes snippet -> {k8s_out}", err=True)
+
+
+@main.group("k8s", cls=GpubuildGroup)
+def k8s_group() -> None:
+    """Kubernetes manifests: put the gpubuild initContainer into a RayService."""
+
+
+@k8s_group.command("patch")
+@click.argument("ray_service", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--group", "group", required=True, help="The worker group (its groupName).")
+@click.option(
+    "--profile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The profile whose published digest the initContainer installs.",
+)
+@click.option("--store", "store_url", metavar="URL", help=_STORE_HELP)
+@click.option(
+    "--lock",
+    "lock_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The lock (default: <profile>.lock beside the profile).",
+)
+@click.option("--image", metavar="IMAGE", help="The init image (default gpubuild-init:<tag>).")
+@click.option("--secret", metavar="NAME", help="A Secret whose key 'sas' holds the SAS.")
+@click.option("--dry-run", is_flag=True, help="Print the diff; leave the file as it is.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def k8s_patch_command(
+    ray_service: Path,
+    group: str,
+    profile: Path,
+    store_url: str | None,
+    lock_path: Path | None,
+    image: str | None,
+    secret: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Insert or update the initContainer, volume, mounts and env of one worker group.
+
+    \b
+    Edits RAY_SERVICE_YAML in place and only where needed: comments, key order,
+    quotes, indentation and Flux markers stay as they are. An initContainer named
+    install-heavy-deps (the pip one of the deployment guide) is replaced. The
+    result is checked against the KubeRay CRD before it is written. Prints the diff.
+
+    \b
+    Example:
+      gpubuild k8s patch dev/ray-service.yaml --group your-gpu-worker-group \\
+          --profile profiles/onnx-gpu.toml --store az://acct/gpubuild/prod \\
+          --image myacr.azurecr.io/data-ai/gpubuild-init:onnx-gpu --secret gpubuild-sas
+    """
+    from builder.initscript import Published
+    from builder.k8s import patch_ray_service, pod_snippet
+
+    found = _published(profile, store_url, lock_path)
+    assert isinstance(found, Published)
+    snippet = pod_snippet(found.manifest, image=image, secret=secret)
+    result = patch_ray_service(ray_service, group, snippet, write=not dry_run)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if result.diff:
+        click.echo(result.diff.rstrip("\n"), err=True)
+    verb = "would change" if dry_run else "patched"
+    click.echo(
+        f"{ray_service}: {verb if result.changed else 'already up to date'} (group {group})",
+        err=True,
+    )
+    if as_json:
+        _emit_json(
+            {
+                "path": str(ray_service),
+                "group": group,
+                "changed": result.changed,
+                "written": result.changed and not dry_run,
+                "diff": result.diff,
+                "warnings": list(result.warnings),
+            }
+        )
+
+
+# --- builder.dockerfile / builder.light / builder.budget / builder.image: dockerfile, split,
+# build-image (owner: dockerfile.py, light.py, budget.py, image.py) ---------------------------
+
+
+def _mb_option() -> object:
+    return click.option(
+        "--max-light-mb",
+        type=click.FloatRange(min=0, min_open=True),
+        default=100.0,
+        show_default=True,
+        help="Largest installed size (MB) one [light] distribution may have.",
+    )
+
+
+def _budget_option() -> object:
+    return click.option(
+        "--budget-gb",
+        type=click.FloatRange(min=0, min_open=True),
+        default=10.0,
+        show_default=True,
+        help="Disk of the CI build agent (GB); the estimated peak must fit.",
+    )
+
+
+def _worker_options(command: object) -> object:
+    for option in reversed(
+        [
+            click.argument("profile", type=click.Path(dir_okay=False, path_type=Path)),
+            click.option(
+                "--code",
+                "code",
+                multiple=True,
+                type=click.Path(exists=True, path_type=Path),
+                metavar="PATH",
+                help="A file or folder copied to /app/<its name>. Repeatable.",
+            ),
+            click.option(
+                "--context",
+                type=click.Path(file_okay=False, exists=True, path_type=Path),
+                default=Path("."),
+                show_default=True,
+                help="The build context: holds the --code paths, certs/ and the light lock.",
+            ),
+            click.option(
+                "--lock",
+                "lock_path",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="The heavy lock (default: <profile>.lock); the light lock goes beside it as"
+                " <name>.light.lock.",
+            ),
+            _mb_option(),
+            _budget_option(),
+            click.option("--index-url", metavar="URL", help="Default package index."),
+            click.option(
+                "--index",
+                "index_overrides",
+                multiple=True,
+                metavar="NAME=URL",
+                help="Replace the URL of the profile's [[index]] NAME. Repeatable.",
+            ),
+            click.option(
+                "--json", "as_json", is_flag=True, help="Print a JSON document on stdout."
+            ),
+        ]
+    ):
+        command = option(command)  # type: ignore[operator]
+    return command
+
+
+@main.command("dockerfile")
+@_worker_options  # type: ignore[arg-type]
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the Dockerfile (default: print it on stdout).",
+)
+def dockerfile_command(
+    profile: Path,
+    code: tuple[Path, ...],
+    context: Path,
+    lock_path: Path | None,
+    max_light_mb: float,
+    budget_gb: float,
+    index_url: str | None,
+    index_overrides: tuple[str, ...],
+    as_json: bool,
+    output: Path | None,
+) -> None:
+    """Write the slim worker Dockerfile for PROFILE and check the build's disk budget.
+
+    \b
+    The image gets the base (ARG BASE_IMAGE), the proxy CA from certs/*.crt when there
+    is one, the [light] requirements from their own hashed lock (resolved on top of the
+    heavy lock, written beside it as <name>.light.lock), the --code files in /app, and
+    PYTHONPATH, LD_LIBRARY_PATH (from the packed heavy manifest) and OMP_NUM_THREADS.
+    A GPU package or a distribution above --max-light-mb under [light] is an error, and
+    so is an estimated peak disk above --budget-gb (exit 1; nothing is written).
+
+    \b
+    Example:
+      gpubuild dockerfile profiles/onnx-gpu.toml --code your_tasks.py -o Dockerfile
+    """
+    from builder.budget import GB, budget_document, render_budget
+    from builder.dockerfile import generate_dockerfile, worker_document, worker_text
+    from builder.light import MB
+    from builder.profile import load_profile
+
+    result = generate_dockerfile(
+        load_profile(profile),
+        profile_arg=profile.as_posix(),
+        context=context,
+        code=code,
+        lock_path=lock_path,
+        settings=_index_settings(index_url, index_overrides),  # type: ignore[arg-type]
+        max_light_bytes=int(max_light_mb * MB),
+        budget_bytes=int(budget_gb * GB),
+        output=output,
+        on_progress=lambda message: click.echo(message, err=True),
+    )
+    click.echo(worker_text(result.plan), err=True)
+    click.echo(render_budget(result.budget), err=True)
+    if output is not None:
+        click.echo(f"Dockerfile written: {output}", err=True)
+    if as_json:
+        _emit_json(
+            {
+                **worker_document(result.plan),
+                "dockerfile": str(output) if output else None,
+                "budget": budget_document(result.budget),
+            }
+        )
+    elif output is None:
+        click.echo(result.plan.text, nl=False)
+
+
+@main.command("split")
+@click.argument("requirements", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option(
+    "--profile",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="The profile whose target, base image and policy decide versions and sizes.",
+)
+@_mb_option()  # type: ignore[misc]
+@click.option("--index-url", metavar="URL", help="Default package index.")
+@click.option("--json", "as_json", is_flag=True, help="Print the proposal as JSON on stdout.")
+def split_command(
+    requirements: Path, profile: Path, max_light_mb: float, index_url: str | None, as_json: bool
+) -> None:
+    """Propose [heavy] and [light] lists for an existing REQUIREMENTS file.
+
+    \b
+    The whole file is resolved for the profile's target and installed into a temporary
+    folder to measure it. A requirement goes to [heavy] when it, or anything it pulls
+    in, is a CUDA/GPU package or above --max-light-mb installed; the rest is [light].
+
+    \b
+    Example:
+      gpubuild split requirements.txt --profile profiles/onnx-gpu.toml
+    """
+    from builder.light import MB, propose_split, render_toml_lists, split_document, split_text
+    from builder.profile import load_profile
+
+    proposal = propose_split(
+        load_profile(profile),
+        requirements,
+        settings=_index_settings(index_url, ()),  # type: ignore[arg-type]
+        max_bytes=int(max_light_mb * MB),
+        on_progress=lambda message: click.echo(message, err=True),
+    )
+    click.echo(split_text(proposal), err=True)
+    if as_json:
+        _emit_json(split_document(proposal))
+    else:
+        click.echo(
+            render_toml_lists(
+                [line.requirement for line in proposal.heavy],
+                [line.requirement for line in proposal.light],
+            ),
+            nl=False,
+        )
+
+
+@main.command("build-image")
+@_worker_options  # type: ignore[arg-type]
+@click.option("--tag", required=True, help="Image name and tag, e.g. REGISTRY/data-ai/NAME:TAG.")
+@click.option("--push", "push_image", is_flag=True, help="Push the image after building it.")
+@click.option(
+    "--build-arg",
+    "build_args",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A Docker build argument (BASE_IMAGE, APP_USER, PIP_INDEX_URL ...). Repeatable.",
+)
+def build_image_command(
+    profile: Path,
+    code: tuple[Path, ...],
+    context: Path,
+    lock_path: Path | None,
+    max_light_mb: float,
+    budget_gb: float,
+    index_url: str | None,
+    index_overrides: tuple[str, ...],
+    as_json: bool,
+    tag: str,
+    push_image: bool,
+    build_args: tuple[str, ...],
+) -> None:
+    """Build (and with --push, push) PROFILE's worker image through the Docker engine.
+
+    \b
+    Builds exactly the Dockerfile `gpubuild dockerfile` writes, from a staged context
+    holding only what it copies, with the build output streamed here; then compares
+    the real image size with the estimate. --index-url also becomes the PIP_INDEX_URL
+    build argument unless --build-arg names one.
+
+    \b
+    Example:
+      gpubuild build-image profiles/onnx-gpu.toml --code your_tasks.py \\
+          --tag myacr.azurecr.io/data-ai/your-gpu-service:dev --push
+    """
+    from builder.base import docker_client
+    from builder.budget import GB, render_budget
+    from builder.dockerfile import plan_worker, worker_text
+    from builder.image import build_image, check_build_args, result_document, result_text
+    from builder.light import MB
+    from builder.profile import load_profile
+
+    args: dict[str, str] = {}
+    for item in build_args:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise BadInputError(f"--build-arg {item!r}: expected KEY=VALUE")
+        args[key] = value
+    if index_url and "PIP_INDEX_URL" not in args:
+        args["PIP_INDEX_URL"] = index_url
+    check_build_args(args)
+    progress = lambda message: click.echo(message, err=True)  # noqa: E731
+    plan = plan_worker(
+        load_profile(profile),
+        profile_arg=profile.as_posix(),
+        context=context,
+        code=code,
+        lock_path=lock_path,
+        settings=_index_settings(index_url, index_overrides),  # type: ignore[arg-type]
+        max_light_bytes=int(max_light_mb * MB),
+        on_progress=progress,
+    )
+    click.echo(worker_text(plan), err=True)
+    result = build_image(
+        plan,
+        client=docker_client(),
+        tag=tag,
+        buildargs=args,
+        push_image=push_image,
+        budget_bytes=int(budget_gb * GB),
+        on_line=progress,
+        render_budget=render_budget,
+    )
+    click.echo(result_text(result), err=True)
+    if as_json:
+        _emit_json(result_document(result))
+
+
+# --- builder.check and builder.doctor: gpubuild check, gpubuild doctor (owner: check.py, doctor.py)
+
+
+@main.command("check")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON on stdout.")
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A gpubuild profile to take into account besides those under PATHS. Repeatable.",
+)
+@click.option(
+    "--store",
+    metavar="DIR",
+    help="A local store folder (or file://DIR) whose published manifests count as caches.",
+)
+def check_command(
+    paths: tuple[Path, ...], as_json: bool, profiles: tuple[Path, ...], store: str | None
+) -> None:
+    """Read a deployment checkout and report the deployment guide's known mistakes.
+
+    \b
+    Reads RayService/RayCluster and HelmRelease YAML, Dockerfiles, requirements*.txt,
+    azure-pipelines*.yaml, gpubuild profiles, locks and manifests under PATHS
+    (skipping .git, .venv, node_modules). Each finding is `file:line: CODE message`
+    with a fix; exit 1 when any finding is an error, 0 otherwise.
+
+    \b
+    Codes:
+      GB001 file does not parse        GB101 Ray version mismatch
+      GB102 Ray image without version  GB103 ray[client] not pinned ==
+      GB104 Python version mismatch    GB201 LD_LIBRARY_PATH lacks library folders
+      GB202 PYTHONPATH lacks /shared-packages   GB203 /app before /shared-packages
+      GB301 Flux $imagepolicy marker missing    GB302 marker names the wrong field
+      GB401 pip at pod start, cache published   GB402 rm -rf protobuf/click hack
+      GB403 numpy<2 re-install hack    GB404 unquoted < or > in pip install
+      GB501 ships protobuf>=5          GB502 ships click
+      GB503 ships numpy>=2             GB504 shadows a base package
+      GB601 GPU group, no nvidia.com/gpu limit  GB602 no nvidia.com/gpu toleration
+
+    \b
+    Example:
+      gpubuild check draft-deployment/ your-gpu-service/ your-api-service/
+      gpubuild check draft-deployment/ --profile profiles/onnx-gpu.toml --store ./store --json
+    """
+    from builder.check import check, result_document, result_text, summary_text
+
+    result = check(list(paths), profiles=list(profiles), store=store)
+    if as_json:
+        _emit_json(result_document(result))
+    else:
+        click.echo(result_text(result), nl=False)
+    click.echo(summary_text(result), err=True)
+    sys.exit(result.exit_code)
+
+
+@main.command("doctor")
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON on stdout.")
+@click.option(
+    "--shared",
+    metavar="DIR",
+    default=None,
+    help="The shared packages folder (default: $GPUBUILD_TARGET or /shared-packages).",
+)
+def doctor_command(as_json: bool, shared: str | None) -> None:
+    """Check a running worker container: sys.path, shadowed packages, libraries, GPU.
+
+    \b
+    Run it inside the Ray container with the image's python; it needs only the
+    standard library, so where gpubuild is not installed use the file itself:
+      kubectl exec POD -c ray-worker -- python3 - --json < builder/doctor.py
+    Exit 1 when a check fails.
+    """
+    from builder import doctor
+
+    sys.exit(doctor.run(shared or doctor.default_shared(), as_json))
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

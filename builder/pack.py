@@ -264,17 +264,16 @@ def _write_shards(
     workers = max(1, min(len(order), max(2, (os.cpu_count() or 1) // 4)))
     started = time.monotonic()
     shards: list[Shard] = []
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard") as pool:
-        futures = {pool.submit(_timed_shard, tree, plan, entries, blobs): plan for plan in order}
-        pending = set(futures)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard")
+    try:
+        pending = {pool.submit(_timed_shard, tree, plan, entries, blobs) for plan in order}
         while pending:
             done, pending = wait(pending, return_when=FIRST_EXCEPTION)
             for future in done:
                 error = future.exception()
                 if error is not None:
-                    for other in pending:
-                        other.cancel()
-                    wait(pending)  # running shards clean up their own temporary files
+                    # Running shards remove their own temporary files; wait for them first.
+                    pool.shutdown(wait=True, cancel_futures=True)
                     if isinstance(error, OSError):
                         raise _disk_error(error, blobs.parent, "writing shards", total) from None
                     raise error
@@ -285,6 +284,9 @@ def _write_shards(
                     f" {_mb(shard.raw_bytes)} -> {_mb(shard.bytes)} in {seconds:.1f} s"
                     f" ({_rate(shard.raw_bytes, seconds)})"
                 )
+    finally:
+        # Also on Ctrl-C: shards not started yet never start.
+        pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.monotonic() - started
     raw = sum(s.raw_bytes for s in shards)
     report(
@@ -349,10 +351,14 @@ class InstallPass:
     requirements: str  # name==version --hash=... lines
 
 
-def install_passes(lock: Lock, real_urls: Mapping[str, str] | None = None) -> list[InstallPass]:
+def install_passes(
+    lock: Lock, real_urls: Mapping[str, str] | None = None, default_url: str | None = None
+) -> list[InstallPass]:
     """One uv pass per index (DESIGN.md rule 4): each package is fetched from its own index only.
 
     The lock records redacted URLs; `real_urls` maps them back to the URL with credentials.
+    A package the lock names no index for (pip-tools locks) comes from `default_url`, or from
+    uv's default when that is None.
     """
     groups: dict[str | None, list[str]] = {}
     for package in sorted(lock.packages, key=lambda p: p.name):
@@ -362,7 +368,7 @@ def install_passes(lock: Lock, real_urls: Mapping[str, str] | None = None) -> li
         )
     real_urls = real_urls or {}
     return [
-        InstallPass(real_urls.get(url, url) if url else None, "\n".join(lines) + "\n")
+        InstallPass(real_urls.get(url, url) if url else default_url, "\n".join(lines) + "\n")
         for url, lines in sorted(groups.items(), key=lambda item: item[0] or "")
     ]
 
@@ -375,14 +381,18 @@ def materialise(
     python: str,
     platform: str,
     real_urls: Mapping[str, str] | None = None,
+    default_url: str | None = None,
     on_progress: Progress | None = None,
 ) -> None:
-    """Install the lock into the empty folder `dest` for the target, without building anything."""
+    """Install the lock into the empty folder `dest` for the target, without building anything.
+
+    `real_urls` and `default_url` as for `install_passes`.
+    """
     report = on_progress or (lambda message: None)
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise GpubuildError(f"{dest} is not empty; uv --target is only safe into an empty folder")
-    passes = install_passes(lock, real_urls)
+    passes = install_passes(lock, real_urls, default_url)
     with tempfile.TemporaryDirectory(prefix="gpubuild-pack-") as work:
         for number, step in enumerate(passes, start=1):
             requirements = Path(work) / f"pass-{number}.txt"
@@ -525,6 +535,7 @@ def pack(
             python=lock.python,
             platform=lock.platform,
             real_urls=_real_urls(profile, settings),
+            default_url=settings.default_url,
             on_progress=report,
         )
         fixes = fix_tree(tree, profile.target.interpreter)
@@ -546,6 +557,8 @@ def pack(
             shard_threshold=shard_threshold,
             on_progress=report,
         )
+    except OSError as exc:  # fixing the tree; uv and the shard writer report their own
+        raise _disk_error(exc, out_dir, "fixing the installed tree", 0) from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return PackResult(manifest, manifest_path, out_dir, reused=False)

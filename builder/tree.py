@@ -326,11 +326,19 @@ def fix_tree(tree: Path, interpreter: str) -> TreeFixes:
     return TreeFixes(tuple(shebangs), tuple(sorted(removed)), notes)
 
 
+def shebang_for(interpreter: str) -> bytes:
+    """A plain shebang, or pip's /bin/sh trampoline where the kernel would not take the path
+    (spaces, or longer than the 127 bytes older kernels read)."""
+    if " " not in interpreter and len(interpreter) <= 125:
+        return f"#!{interpreter}\n".encode()
+    return f"#!/bin/sh\n'''exec' \"{interpreter}\" \"$0\" \"$@\"\n' '''\n".encode()
+
+
 def _rewrite_shebangs(tree: Path, interpreter: str) -> list[str]:
     bin_dir = tree / "bin"
     if not bin_dir.is_dir():
         return []
-    new_line = f"#!{interpreter}\n".encode()
+    new_line = shebang_for(interpreter)
     changed: dict[str, bytes] = {}
     for script in sorted(bin_dir.iterdir()):
         if script.is_symlink() or not script.is_file():

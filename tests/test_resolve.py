@@ -326,6 +326,6 @@ def test_torch_profile_against_the_public_index(tmp_path: Path) -> None:
     document = result.json()
     _check_rules(document, profile)
     shipped = {p["name"]: p["version"] for p in document["shipped"]}
-    assert shipped["torch"] == "2.3.1"
-    assert shipped["nvidia-cudnn-cu12"] == "8.9.2.26"
+    assert shipped["torch"] == "2.4.1"
+    assert shipped["nvidia-cudnn-cu12"] == "9.1.0.70"
     assert shipped["nvidia-cuda-runtime-cu12"].startswith("12.1.")

@@ -1,0 +1,978 @@
+"""The init script, tested by running it: on this machine against a file:// store and Azurite,
+and inside the image Dockerfile.init builds. Every fault must leave the target as it was (or
+empty), exit non-zero and say what happened; the SAS must never be printed."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.server
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from urllib.parse import parse_qs, unquote
+
+import pytest
+
+from builder.errors import BadInputError
+from builder.initscript import leaf_directories, render_init_script
+from builder.lock import Excluded, Lock, LockedPackage, read_lock, render_lock
+from builder.manifest import Manifest, blob_key, manifest_to_bytes
+from builder.pack import write_artifact
+from builder.store import make_read_sas, open_store
+from builder.tools import run_uv
+from tests.helpers import REPO, run_cli, write_profile
+from tests.support.services import free_port
+from tests.support.wheels import build_wheel
+
+PROFILE = "itest"
+INSTALL_DIR = "/shared-packages"
+BIG_BYTES = 12 * 1024 * 1024
+STATE = ".gpubuild"
+
+
+# --- building artifacts ------------------------------------------------------------------
+
+
+def _alpha_files(version: str, modules: int) -> dict[str, bytes]:
+    files = {f"alpha/m{i}.py": f"X = {i}\n".encode() for i in range(modules)}
+    files["alpha/__init__.py"] = f"VERSION = {version!r}\n".encode()
+    files["alpha/sub/deep/leaf.py"] = b"LEAF = True\n"
+    files["alpha/data/table.txt"] = b"a b c\n" * 100
+    return files
+
+
+def build_wheels(dest: Path) -> dict[str, Path]:
+    big = {
+        "bigpkg/__init__.py": b"SIZE = 1\n",
+        # Random bytes do not compress: a shard of its own, big enough to kill mid-download.
+        "bigpkg/blob.bin": random.Random(1234).randbytes(BIG_BYTES),
+    }
+    return {
+        "alpha1": build_wheel(dest, "alpha", "1.0", files=_alpha_files("1.0", 40)),
+        "alpha2": build_wheel(dest, "alpha", "2.0", files=_alpha_files("2.0", 12)),
+        "beta": build_wheel(dest, "beta", "1.0"),
+        "bigpkg": build_wheel(dest, "bigpkg", "1.0", files=big),
+    }
+
+
+@dataclass(frozen=True)
+class Artifact:
+    manifest: Manifest
+    tree: Path
+    alpha_version: str
+
+
+@dataclass(frozen=True)
+class Artifacts:
+    store: Path
+    a: Artifact
+    b: Artifact
+    wheels: dict[str, Path]
+
+
+def make_artifact(work: Path, store: Path, wheels: list[Path], seed: str, alpha: str) -> Artifact:
+    tree = work / f"tree-{seed}"
+    result = run_uv(
+        ["pip", "install", "--target", str(tree), "--no-deps", "--no-index", *map(str, wheels)]
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = write_artifact(
+        tree,
+        store,
+        profile=PROFILE,
+        digest=hashlib.sha256(seed.encode()).hexdigest(),
+        python="3.11",
+        platform="x86_64-manylinux_2_28",
+        install_dir=INSTALL_DIR,
+        shard_threshold=1 << 20,
+    )
+    return Artifact(manifest, tree, alpha)
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
+    work = tmp_path_factory.mktemp("artifacts")
+    wheels = build_wheels(work / "wheels")
+    store = work / "store"
+    a = make_artifact(work, store, [wheels["alpha1"], wheels["beta"], wheels["bigpkg"]], "A", "1.0")
+    b = make_artifact(work, store, [wheels["alpha2"], wheels["beta"], wheels["bigpkg"]], "B", "2.0")
+    # The big package's shard is the same bytes in both: one blob.
+    assert {s.sha256 for s in a.manifest.shards} & {s.sha256 for s in b.manifest.shards}
+    return Artifacts(store, a, b, wheels)
+
+
+@dataclass(frozen=True)
+class AzureStore:
+    base_url: str
+    sas: str
+    account: str
+    container: str
+
+
+@pytest.fixture(scope="module")
+def azure_store(azurite_endpoint: object, artifacts: Artifacts) -> AzureStore:
+    """Both artifacts uploaded to a fresh Azurite container with the store's own code."""
+    container = f"initscript-{uuid.uuid4().hex[:12]}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AZURE_STORAGE_CONNECTION_STRING", azurite_endpoint.connection_string)  # type: ignore[attr-defined]
+        store = open_store(f"{azurite_endpoint.blob_url}/{container}")  # type: ignore[attr-defined]
+        for artifact in (artifacts.a, artifacts.b):
+            for shard in artifact.manifest.shards:
+                store.put_blob(shard.sha256, artifacts.store / blob_key(shard.sha256))
+            store.put_manifest(
+                PROFILE, artifact.manifest.digest, manifest_to_bytes(artifact.manifest)
+            )
+        sas = make_read_sas(store, expiry=datetime.now(timezone.utc) + timedelta(hours=2))
+    return AzureStore(store.base_url, sas, azurite_endpoint.account, container)  # type: ignore[attr-defined]
+
+
+def write_script(folder: Path, manifest: Manifest, store_url: str, **kwargs: object) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"init-{manifest.digest[:8]}-{uuid.uuid4().hex[:6]}.sh"
+    path.write_text(render_init_script(manifest, store_url, **kwargs))  # type: ignore[arg-type]
+    path.chmod(0o755)
+    return path
+
+
+# --- running it and looking at the result -------------------------------------------------
+
+
+def script_env(target: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/root"),
+        "GPUBUILD_TARGET": str(target),
+        "GPUBUILD_RETRIES": "2",
+        "LANG": "C.UTF-8",
+    }
+    env.update(extra or {})
+    return env
+
+
+def run_init(
+    script: Path, target: Path, extra: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(script)],
+        env=script_env(target, extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def tree_state(root: Path) -> dict[str, tuple[str, str]]:
+    """Every entry below root (the state folder left out): kind and content digest."""
+    found = {}
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if relative == STATE or relative.startswith(STATE + "/"):
+            continue
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            found[relative] = ("link", os.readlink(path))
+        elif stat.S_ISDIR(mode):
+            found[relative] = ("dir", "")
+        else:
+            found[relative] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
+    return found
+
+
+def installed_marker(target: Path) -> str:
+    marker = target / STATE / "installed"
+    return marker.read_text().split()[0] if marker.exists() else ""
+
+
+def assert_installed(target: Path, artifact: Artifact, *, clean: bool = True) -> None:
+    """The live set is `artifact`, complete; `clean`: and nothing is left in staging."""
+    assert installed_marker(target) == artifact.manifest.digest
+    assert not (target / STATE / "incomplete").exists()
+    assert tree_state(target) == tree_state(artifact.tree)
+    if clean:
+        assert not list((target / STATE).glob("staging-*"))
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-s",
+            "-c",
+            "import alpha, beta, bigpkg, alpha.sub.deep.leaf; print(alpha.VERSION)",
+        ],
+        env={"PYTHONPATH": str(target), "PATH": os.environ["PATH"]},
+        capture_output=True,
+        text=True,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == artifact.alpha_version
+
+
+def assert_empty(target: Path) -> None:
+    """Nothing installed: no live entries, no staging left behind."""
+    assert tree_state(target) == {}
+    assert installed_marker(target) == ""
+    assert not list((target / STATE).glob("staging-*")) if (target / STATE).exists() else True
+
+
+def signature(sas: str) -> str:
+    return parse_qs(sas)["sig"][0]
+
+
+def assert_no_secret(sas: str, *texts: str) -> None:
+    sig = signature(sas)
+    for text in texts:
+        assert sig not in text
+        assert unquote(sig) not in text
+        assert sas not in text
+
+
+# --- a store server that misbehaves on purpose --------------------------------------------
+
+
+class FaultyStore:
+    """Serves a store folder over HTTP on 127.0.0.1; the big shard can be cut, stalled or slowed.
+
+    modes: "ok", "close" (half the body, then the connection closes), "close-once" (that, on
+    the first request only), "stall" (half the body, then nothing), "slow" (about 2 MB/s).
+    """
+
+    def __init__(self, root: Path, big_sha: str, mode: str) -> None:
+        self.root = root
+        self.big = f"/blobs/{big_sha}.tar.zst"
+        self.mode = mode
+        self.requests = 0
+        self.release = threading.Event()
+        store = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = store.root / self.path.split("?", 1)[0].lstrip("/")
+                if not path.is_file():
+                    self.send_error(404)
+                    return
+                data = path.read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.path.split("?", 1)[0] != store.big:
+                    self.wfile.write(data)
+                    return
+                store.requests += 1
+                mode = store.mode
+                if mode == "close-once":
+                    mode = "close" if store.requests == 1 else "ok"
+                if mode == "ok":
+                    self.wfile.write(data)
+                elif mode == "slow":
+                    for start in range(0, len(data), 64 * 1024):
+                        if store.release.is_set():
+                            return
+                        self.wfile.write(data[start : start + 64 * 1024])
+                        time.sleep(0.03)
+                else:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    if mode == "stall":
+                        store.release.wait(60)
+                self.close_connection = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Server(http.server.ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: object, client_address: object) -> None:
+                # curl hanging up on a stalled or slowed stream is the point of these tests.
+                if not isinstance(sys.exc_info()[1], ConnectionError):
+                    super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def __enter__(self) -> FaultyStore:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def big_shard(manifest: Manifest) -> str:
+    return max(manifest.shards, key=lambda s: s.bytes).sha256
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    pending = [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            if child not in found:
+                found.add(child)
+                pending.append(child)
+    return found
+
+
+def kill_tree(proc: subprocess.Popen[str]) -> None:
+    """SIGKILL the script and everything it started, as a container's end would: freeze them
+    first (SIGSTOP) so that none can start another process in between."""
+    pids = {proc.pid}
+    while True:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        grown = pids | descendants(proc.pid) | {d for p in pids for d in descendants(p)}
+        if grown == pids:
+            break
+        pids = grown
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in pids - {proc.pid}):
+        assert time.monotonic() < deadline, "killed processes did not go away"
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+# --- rendering ----------------------------------------------------------------------------
+
+
+def test_render_pins_everything_and_is_shellcheck_clean(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    manifest = artifacts.a.manifest
+    text = render_init_script(manifest, artifacts.store.as_uri())
+    assert text == render_init_script(manifest, artifacts.store.as_uri())
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in text
+    assert f"readonly DIGEST={manifest.digest}" in text
+    for shard in manifest.shards:
+        assert f"{shard.sha256} {shard.bytes} {shard.files} " in text
+    for leaf in leaf_directories(manifest.directories):
+        assert f"\n{leaf}\n" in text
+    script = tmp_path / "init.sh"
+    script.write_text(text)
+    checked = subprocess.run(
+        ["shellcheck", "--severity=style", str(script)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    with_fallback = tmp_path / "fallback.sh"
+    with_fallback.write_text(
+        render_init_script(manifest, artifacts.store.as_uri(), fallback_lock=_lock_text(artifacts))
+    )
+    checked = subprocess.run(["shellcheck", str(with_fallback)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_leaf_directories_make_the_whole_skeleton() -> None:
+    folders = ("a", "a/b", "a/b/c", "a/d", "ab", "e")
+    assert leaf_directories(folders) == ["a/b/c", "a/d", "ab", "e"]
+    with pytest.raises(Exception, match="unsafe"):
+        leaf_directories(("../escape",))
+    with pytest.raises(Exception, match="unsafe"):
+        leaf_directories((".gpubuild/x",))
+
+
+def test_a_store_url_with_a_secret_is_refused(artifacts: Artifacts) -> None:
+    url = "https://acct.blob.core.windows.net/c/p?sv=2024&sig=c2VjcmV0"
+    with pytest.raises(BadInputError) as caught:
+        render_init_script(artifacts.a.manifest, url)
+    assert "sig=" not in str(caught.value)
+    assert "GPUBUILD_SAS" in str(caught.value)
+
+
+# --- installing ---------------------------------------------------------------------------
+
+
+def test_installs_from_a_file_store_and_a_second_run_touches_nothing(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    target = tmp_path / "shared-packages"
+    target.mkdir()
+    script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
+    first = run_init(script, target)
+    assert first.returncode == 0, first.stderr
+    assert_installed(target, artifacts.a)
+    count = len(artifacts.a.manifest.shards)
+    assert f"shard {count}/{count} done" in first.stderr
+    assert "MB/s" in first.stderr and "done: " in first.stderr
+
+    before = {p: p.lstat().st_mtime_ns for p in target.rglob("*") if p.name != "lock"}
+    second = run_init(script, target)
+    assert second.returncode == 0, second.stderr
+    assert "already installed" in second.stderr
+    after = {p: p.lstat().st_mtime_ns for p in target.rglob("*") if p.name != "lock"}
+    assert after == before
+
+
+def test_upgrade_replaces_the_set(artifacts: Artifacts, tmp_path: Path) -> None:
+    target = tmp_path / "vol"
+    target.mkdir()
+    url = artifacts.store.as_uri()
+    assert run_init(write_script(tmp_path, artifacts.a.manifest, url), target).returncode == 0
+    upgrade = run_init(write_script(tmp_path, artifacts.b.manifest, url), target)
+    assert upgrade.returncode == 0, upgrade.stderr
+    assert_installed(target, artifacts.b)
+    assert not (target / "alpha" / "m30.py").exists()  # only in alpha 1.0
+
+
+def test_installs_from_azurite_with_a_read_only_sas(
+    artifacts: Artifacts, azure_store: AzureStore, tmp_path: Path
+) -> None:
+    target = tmp_path / "vol"
+    target.mkdir()
+    script = write_script(tmp_path, artifacts.a.manifest, azure_store.base_url)
+    sas_file = tmp_path / "sas"
+    sas_file.write_text(azure_store.sas + "\n")
+    result = run_init(
+        script, target, {"GPUBUILD_SAS_FILE": str(sas_file), "GPUBUILD_PARALLEL": "3"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert_installed(target, artifacts.a)
+    assert "GPUBUILD_SAS_FILE" in result.stderr
+    assert_no_secret(azure_store.sas, result.stdout, result.stderr, script.read_text())
+
+    # The SAS pasted into the store URL works too, and the URL is printed without it.
+    other = tmp_path / "vol2"
+    other.mkdir()
+    result = run_init(
+        script, other, {"GPUBUILD_STORE_URL": f"{azure_store.base_url}?{azure_store.sas}"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert_installed(other, artifacts.a)
+    assert azure_store.base_url in result.stderr
+    assert_no_secret(azure_store.sas, result.stdout, result.stderr)
+
+
+def test_an_expired_sas_fails_clearly_without_printing_it(
+    artifacts: Artifacts, azure_store: AzureStore, tmp_path: Path
+) -> None:
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    from tests.support.services import AZURITE_KEY
+
+    now = datetime.now(timezone.utc)
+    expired = generate_container_sas(
+        azure_store.account,
+        azure_store.container,
+        account_key=AZURITE_KEY,
+        permission=ContainerSasPermissions(read=True),
+        start=now - timedelta(hours=2),
+        expiry=now - timedelta(hours=1),
+    )
+    target = tmp_path / "vol"
+    target.mkdir()
+    script = write_script(tmp_path, artifacts.a.manifest, azure_store.base_url)
+    result = run_init(script, target, {"GPUBUILD_SAS": expired})
+    assert result.returncode == 1
+    assert "HTTP 403" in result.stderr and "expired" in result.stderr
+    assert "nothing was changed" in result.stderr
+    assert_no_secret(expired, result.stdout, result.stderr)
+    assert_empty(target)
+
+
+# --- faults -------------------------------------------------------------------------------
+
+
+def _tampered_store(artifacts: Artifacts, tmp_path: Path, manifest: Manifest) -> Path:
+    store = tmp_path / "tampered"
+    shutil.copytree(artifacts.store, store)
+    shard = min(manifest.shards, key=lambda s: s.bytes)
+    blob = store / blob_key(shard.sha256)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    return store
+
+
+def _lock_text(artifacts: Artifacts) -> str:
+    packages = []
+    for key in ("alpha1", "beta", "bigpkg"):
+        wheel = artifacts.wheels[key]
+        name, version = wheel.name.split("-")[:2]
+        digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
+        packages.append(LockedPackage(name, version, (f"sha256:{digest}",)))
+    lock = Lock(
+        profile=PROFILE,
+        python="3.11",
+        platform="x86_64-manylinux_2_28",
+        inputs="test",
+        backend="uv",
+        packages=tuple(packages),
+        excluded=(Excluded("click", "8.1.7", ("alpha",)),),
+    )
+    return render_lock(lock, INSTALL_DIR)
+
+
+def test_a_tampered_shard_is_refused_and_never_falls_back(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    target = tmp_path / "vol"
+    target.mkdir()
+    assert (
+        run_init(
+            write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri()), target
+        ).returncode
+        == 0
+    )
+    store = _tampered_store(artifacts, tmp_path, artifacts.b.manifest)
+    script = write_script(
+        tmp_path, artifacts.b.manifest, store.as_uri(), fallback_lock=_lock_text(artifacts)
+    )
+    result = run_init(script, target)
+    assert result.returncode == 1
+    assert "sha256 mismatch" in result.stderr
+    assert "do not trust it" in result.stderr
+    assert "falling back" not in result.stderr
+    assert_installed(target, artifacts.a)
+
+
+def test_a_missing_shard_fails_and_leaves_nothing(artifacts: Artifacts, tmp_path: Path) -> None:
+    store = tmp_path / "partial"
+    shutil.copytree(artifacts.store, store)
+    gone = min(artifacts.a.manifest.shards, key=lambda s: s.bytes).sha256
+    (store / blob_key(gone)).unlink()
+    target = tmp_path / "vol"
+    target.mkdir()
+    result = run_init(write_script(tmp_path, artifacts.a.manifest, store.as_uri()), target)
+    assert result.returncode == 1
+    assert f"has no blobs/{gone}.tar.zst" in result.stderr
+    assert "publish" in result.stderr
+    assert_empty(target)
+
+
+def test_a_stream_cut_once_is_retried(artifacts: Artifacts, tmp_path: Path) -> None:
+    manifest = artifacts.a.manifest
+    with FaultyStore(artifacts.store, big_shard(manifest), "close-once") as server:
+        target = tmp_path / "vol"
+        target.mkdir()
+        result = run_init(write_script(tmp_path, manifest, server.url), target)
+    assert result.returncode == 0, result.stderr
+    assert "attempt 1 of 2 failed" in result.stderr and "trying again" in result.stderr
+    assert_installed(target, artifacts.a)
+
+
+@pytest.mark.parametrize("mode", ["close", "stall"])
+def test_a_store_that_breaks_mid_stream_fails_cleanly(
+    artifacts: Artifacts, tmp_path: Path, mode: str
+) -> None:
+    target = tmp_path / "vol"
+    target.mkdir()
+    assert (
+        run_init(
+            write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri()), target
+        ).returncode
+        == 0
+    )
+    manifest = artifacts.b.manifest
+    with FaultyStore(artifacts.store, big_shard(manifest), mode) as server:
+        result = run_init(
+            write_script(tmp_path, manifest, server.url),
+            target,
+            # curl averages speed over its last ~5 s: a stall shows after about 6 s.
+            {"GPUBUILD_STALL_SECONDS": "1", "GPUBUILD_PARALLEL": "1", "GPUBUILD_RETRIES": "1"},
+        )
+    assert result.returncode == 1
+    assert "No luck after 1 attempts" in result.stderr
+    assert "nothing was changed" in result.stderr
+    assert_installed(target, artifacts.a)
+
+
+def test_azurite_stopped_in_the_middle_of_a_download(
+    artifacts: Artifacts, azure_store: AzureStore, azurite_endpoint: object, tmp_path: Path
+) -> None:
+    manifest = artifacts.a.manifest
+    target = tmp_path / "vol"
+    target.mkdir()
+    script = write_script(tmp_path, manifest, azure_store.base_url)
+    proc = subprocess.Popen(
+        ["bash", str(script)],
+        env=script_env(target, {"GPUBUILD_SAS": azure_store.sas, "GPUBUILD_PARALLEL": "1"}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    blob = target / STATE / f"staging-{manifest.digest}" / "bigpkg" / "blob.bin"
+    # The biggest shard goes first: stop the store once its bytes are arriving.
+    deadline = time.monotonic() + 60
+    while not (blob.exists() and blob.stat().st_size > 0):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    with azurite_endpoint.stopped():  # type: ignore[attr-defined]
+        _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 1, stderr
+    assert "No luck after 2 attempts" in stderr
+    assert_no_secret(azure_store.sas, stderr)
+    assert_empty(target)
+
+
+def test_a_full_volume_is_caught_before_downloading(artifacts: Artifacts, tmp_path: Path) -> None:
+    with tmpfs(tmp_path / "small", "size=256k") as target:
+        result = run_init(
+            write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri()), target
+        )
+        assert result.returncode == 1
+        assert "not enough space" in result.stderr and "sizeLimit" in result.stderr
+        assert_empty(target)
+
+
+def test_a_volume_that_fills_up_while_unpacking(artifacts: Artifacts, tmp_path: Path) -> None:
+    # Room for the bytes but not for the files: the space check passes, tar hits ENOSPC.
+    files = artifacts.a.manifest.total_files
+    with tmpfs(tmp_path / "few-inodes", f"size=64m,nr_inodes={files // 2}") as target:
+        result = run_init(
+            write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri()), target
+        )
+        assert result.returncode == 1
+        assert "full" in result.stderr
+        assert_empty(target)
+        leftovers = [p for p in (target / STATE).iterdir() if p.name != "lock"]
+        assert leftovers == []
+
+
+def test_sigkill_mid_download_keeps_the_old_set_and_a_rerun_finishes(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    target = tmp_path / "vol"
+    target.mkdir()
+    url = artifacts.store.as_uri()
+    assert run_init(write_script(tmp_path, artifacts.a.manifest, url), target).returncode == 0
+    manifest = artifacts.b.manifest
+    with FaultyStore(artifacts.store, big_shard(manifest), "slow") as server:
+        script = write_script(tmp_path, manifest, server.url)
+        proc = subprocess.Popen(
+            ["bash", str(script)],
+            env=script_env(target),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        blob = target / STATE / f"staging-{manifest.digest}" / "bigpkg" / "blob.bin"
+        deadline = time.monotonic() + 60
+        while not (blob.exists() and blob.stat().st_size > 1 << 20):
+            assert proc.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        kill_tree(proc)
+    # The old set is untouched; the killed run's staging folder waits for the next run.
+    assert_installed(target, artifacts.a, clean=False)
+    rerun = run_init(script, target, {"GPUBUILD_STORE_URL": url})
+    assert rerun.returncode == 0, rerun.stderr
+    assert_installed(target, artifacts.b)
+
+
+def test_sigkill_at_any_moment_leaves_the_old_set_or_nothing(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    url = artifacts.store.as_uri()
+    script_a = write_script(tmp_path, artifacts.a.manifest, url)
+    script_b = write_script(tmp_path, artifacts.b.manifest, url)
+    target = tmp_path / "vol"
+    target.mkdir()
+    outcomes = set()
+    for delay in (0.02, 0.15, 0.3, 0.45, 0.6, 0.8):
+        assert run_init(script_a, target).returncode == 0
+        proc = subprocess.Popen(
+            ["bash", str(script_b)],
+            env=script_env(target),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        time.sleep(delay)
+        kill_tree(proc)
+        state = target / STATE
+        if (state / "incomplete").exists():
+            outcomes.add("nothing")  # the next run clears the live set and starts over
+        elif installed_marker(target) == artifacts.a.manifest.digest:
+            assert tree_state(target) == tree_state(artifacts.a.tree)
+            outcomes.add("old")
+        else:
+            assert installed_marker(target) == artifacts.b.manifest.digest
+            assert tree_state(target) == tree_state(artifacts.b.tree)
+            outcomes.add("new")
+        rerun = run_init(script_b, target)
+        assert rerun.returncode == 0, rerun.stderr
+        assert_installed(target, artifacts.b)
+    assert "old" in outcomes
+
+
+def test_a_run_stopped_mid_switch_is_finished_by_the_next(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    """The states a kill during the switch leaves, made by hand: the next run repairs them."""
+    url = artifacts.store.as_uri()
+    target = tmp_path / "vol"
+    target.mkdir()
+    assert run_init(write_script(tmp_path, artifacts.a.manifest, url), target).returncode == 0
+    state = target / STATE
+    # Killed after `incomplete` was written and half the old set moved aside.
+    (state / "incomplete").write_text(artifacts.b.manifest.digest + "\n")
+    (state / "installed").unlink()
+    (state / "trash").mkdir()
+    shutil.move(str(target / "alpha"), str(state / "trash" / "alpha"))
+    # ... and after some staged entries had moved up: the staged copy is no longer whole,
+    # whatever its verified- marker says.
+    (state / f"staging-{artifacts.b.manifest.digest}" / "beta").mkdir(parents=True)
+    (state / f"verified-{artifacts.b.manifest.digest}").write_text("store\n")
+    result = run_init(write_script(tmp_path, artifacts.b.manifest, url), target)
+    assert result.returncode == 0, result.stderr
+    assert "clearing it" in result.stderr
+    assert_installed(target, artifacts.b)
+    assert sorted(p.name for p in state.iterdir()) == ["installed", "lock"]
+
+
+def test_files_gpubuild_did_not_install_are_not_deleted(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    target = tmp_path / "vol"
+    (target / "torch").mkdir(parents=True)
+    (target / "torch" / "__init__.py").write_text("")
+    result = run_init(
+        write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri()), target
+    )
+    assert result.returncode == 1
+    assert "did not install" in result.stderr
+    assert (target / "torch" / "__init__.py").exists()
+
+
+def test_two_copies_on_one_volume(artifacts: Artifacts, tmp_path: Path) -> None:
+    target = tmp_path / "vol"
+    target.mkdir()
+    script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
+    procs = [
+        subprocess.Popen(
+            ["bash", str(script)],
+            env=script_env(target),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [proc.communicate(timeout=180)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    joined = "\n".join(outputs)
+    assert joined.count("[gpubuild-init] done: ") == 1
+    assert joined.count("already installed") == 1
+    assert_installed(target, artifacts.a)
+
+
+def test_pip_fallback_when_the_store_is_unreachable(
+    artifacts: Artifacts, tmp_path: Path, local_index: object
+) -> None:
+    index = local_index([artifacts.wheels[k] for k in ("alpha1", "beta", "bigpkg")])  # type: ignore[operator]
+    dead = f"http://127.0.0.1:{free_port()}/devstoreaccount1/gone"
+    script = write_script(tmp_path, artifacts.a.manifest, dead, fallback_lock=_lock_text(artifacts))
+    target = tmp_path / "vol"
+    target.mkdir()
+    result = run_init(
+        script,
+        target,
+        {
+            "GPUBUILD_RETRIES": "1",
+            "GPUBUILD_PYTHON": sys.executable,
+            "PIP_INDEX_URL": index,
+            "PIP_NO_CACHE_DIR": "1",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    assert "falling back to pip" in result.stderr
+    assert (target / STATE / "installed").read_text().split() == [
+        artifacts.a.manifest.digest,
+        "pip",
+    ]
+    probe = subprocess.run(
+        [sys.executable, "-s", "-c", "import alpha, beta, bigpkg; print(alpha.VERSION)"],
+        env={"PYTHONPATH": str(target)},
+        capture_output=True,
+        text=True,
+    )
+    assert probe.stdout.strip() == "1.0", probe.stderr
+
+    # Without the fallback built in, the same outage is a plain failure.
+    plain = write_script(tmp_path, artifacts.a.manifest, dead)
+    other = tmp_path / "vol2"
+    other.mkdir()
+    result = run_init(plain, other, {"GPUBUILD_RETRIES": "1"})
+    assert result.returncode == 1
+    assert "Couldn't connect" in result.stderr or "Failed to connect" in result.stderr
+    assert_empty(other)
+
+
+# --- the CLI ------------------------------------------------------------------------------
+
+
+def test_cli_init_script_writes_script_and_snippet(artifacts: Artifacts, tmp_path: Path) -> None:
+    from ruamel.yaml import YAML
+
+    profile = write_profile(tmp_path / "profiles", heavy=["alpha"], name=PROFILE, python="3.11")
+    profile.with_suffix(".lock").write_text(_lock_text(artifacts))
+    lock = read_lock(profile.with_suffix(".lock"))
+    store = tmp_path / "store"
+    empty = tmp_path / "empty-store"
+    empty.mkdir()
+    missing = run_cli(
+        "init-script", str(profile), "--store", empty.as_uri(), "-o", str(tmp_path / "x.sh")
+    )
+    assert missing.returncode == 1
+    assert "publish-cache" in missing.stderr
+    assert not (tmp_path / "x.sh").exists()
+
+    manifest = write_artifact(
+        artifacts.a.tree,
+        store,
+        profile=PROFILE,
+        digest=lock.digest(),
+        python="3.11",
+        platform="x86_64-manylinux_2_28",
+        install_dir=INSTALL_DIR,
+        shard_threshold=1 << 20,
+    )
+    out = tmp_path / "out"
+    result = run_cli(
+        "init-script",
+        str(profile),
+        "--store",
+        store.as_uri(),
+        "-o",
+        str(out / "init.sh"),
+        "--k8s-out",
+        str(out / "init-container.yaml"),
+        "--fallback",
+        "pip",
+        "--image",
+        "127.0.0.1:5000/data-ai/gpubuild-init:itest",
+        "--secret",
+        "gpubuild-sas",
+    )
+    assert result.returncode == 0, result.stderr
+    script = out / "init.sh"
+    assert script.stat().st_mode & 0o111
+    text = script.read_text()
+    assert manifest.digest in text and "readonly FALLBACK=pip" in text
+    snippet = YAML(typ="safe").load((out / "init-container.yaml").read_text())
+    init = snippet["initContainers"][0]
+    assert init["image"] == "127.0.0.1:5000/data-ai/gpubuild-init:itest"
+    assert {"name": "GPUBUILD_SAS_FILE", "value": "/var/run/gpubuild/sas"} in init["env"]
+    assert snippet["containers"][0]["env"][0] == {
+        "name": "PYTHONPATH",
+        "value": "/shared-packages:/app",
+    }
+    target = tmp_path / "vol"
+    target.mkdir()
+    ran = run_init(script, target)
+    assert ran.returncode == 0, ran.stderr
+    assert tree_state(target) == tree_state(artifacts.a.tree)
+
+
+# --- the image ----------------------------------------------------------------------------
+
+
+def test_dockerfile_init_image_installs_from_azurite(
+    artifacts: Artifacts,
+    azure_store: AzureStore,
+    docker_client: object,
+    base_image: str,
+    tmp_path: Path,
+) -> None:
+    context = tmp_path / "context"
+    (context / "certs").mkdir(parents=True)
+    shutil.copy(REPO / "Dockerfile.init", context / "Dockerfile.init")
+    shutil.copy(REPO / "certs" / ".keep", context / "certs" / ".keep")
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=gpubuild test proxy CA",
+            "-keyout", str(tmp_path / "ca.key"), "-out", str(context / "certs" / "proxy-ca.crt"),
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    (context / "init.sh").write_text(render_init_script(artifacts.a.manifest, azure_store.base_url))
+    tag = f"gpubuild-test/init:{uuid.uuid4().hex[:8]}"
+    image, _ = docker_client.images.build(  # type: ignore[attr-defined]
+        path=str(context),
+        dockerfile="Dockerfile.init",
+        buildargs={"BASE_IMAGE": base_image},
+        tag=tag,
+        network_mode="host",
+        rm=True,
+    )
+    try:
+        size = image.attrs["Size"]
+        base_size = docker_client.images.get(base_image).attrs["Size"]  # type: ignore[attr-defined]
+        print(
+            f"\nDockerfile.init on {base_image}: {size / 1e6:.1f} MB "
+            f"({(size - base_size) / 1e3:.1f} kB over the base)"
+        )
+        assert size - base_size < 5_000_000  # nothing installed: the base has every tool
+        tools = docker_client.containers.run(  # type: ignore[attr-defined]
+            tag,
+            entrypoint=["bash", "-c"],
+            command=[
+                "command -v flock curl zstd tar sha256sum find >/dev/null && "
+                "grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt >/dev/null && "
+                "ls /etc/ssl/certs | grep -c proxy-ca"
+            ],
+            network_mode="host",
+            remove=True,
+        )
+        assert tools.strip() == b"1"
+
+        volume = tmp_path / "volume"
+        volume.mkdir()
+        logs = []
+        for _ in range(2):
+            container = docker_client.containers.run(  # type: ignore[attr-defined]
+                tag,
+                environment={"GPUBUILD_SAS": azure_store.sas},
+                volumes={str(volume): {"bind": INSTALL_DIR, "mode": "rw"}},
+                network_mode="host",
+                detach=True,
+            )
+            try:
+                status = container.wait(timeout=300)
+                logs.append(container.logs().decode())
+            finally:
+                container.remove(force=True)
+            assert status["StatusCode"] == 0, logs[-1]
+        assert "[gpubuild-init] done: " in logs[0]
+        assert "already installed" in logs[1]
+        assert_no_secret(azure_store.sas, *logs)
+        assert_installed(volume, artifacts.a)
+    finally:
+        docker_client.images.remove(tag, force=True)  # type: ignore[attr-defined]
