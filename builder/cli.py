@@ -29,9 +29,20 @@ def main() -> None:
     """GPU Python dependencies for Ray on Kubernetes, resolved once and unpacked in seconds.
 
     \b
-    The pipeline:
-      gpubuild resolve PROFILE        conflict-free heavy set and hashed lock
-      gpubuild base-snapshot IMAGE    what a base image already has
+    The pipeline (each command has --help with an example):
+      resolve PROFILE          conflict-free heavy set and hashed lock
+      pack PROFILE             the lock as verified, content-addressed shards
+      publish-cache PROFILE    resolve + pack + upload to a store (the main job)
+      init-script PROFILE      the initContainer script that unpacks it in seconds
+      k8s patch YAML           wire that initContainer into a RayService worker group
+      fetch URL --into DIR     download, verify and unpack a published digest
+      sas STORE_URL            a read-only SAS for the init container
+      dockerfile PROFILE       the slim worker Dockerfile, under the disk budget
+      build-image PROFILE      build (and push) that image through Docker
+      split REQUIREMENTS       propose the light/heavy split of a requirements file
+      check PATH...            find deployment mistakes in a repo
+      doctor                   inspect a running worker container
+      base-snapshot IMAGE      what a base image already has
     Exit status: 0 success, 1 a failure of the job, 2 bad input or usage.
     """
 
@@ -885,7 +896,7 @@ def doctor_command(as_json: bool, shared: str | None) -> None:
     \b
     Run it inside the Ray container with the image's python; it needs only the
     standard library, so where gpubuild is not installed use the file itself:
-      kubectl exec POD -c ray-worker -- python3 - --json < builder/doctor.py
+      kubectl exec -i POD -c ray-worker -- python3 - --json < builder/doctor.py
     Exit 1 when a check fails.
     """
     from builder import doctor

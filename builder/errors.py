@@ -58,3 +58,11 @@ class IntegrityError(GpubuildError):
 
 class NotPublishedError(GpubuildError):
     """The store has no manifest for the requested profile and digest."""
+
+
+class DiskFullError(GpubuildError):
+    """A filesystem ran out of space (ENOSPC) while packing or unpacking."""
+
+
+class OverBudgetError(GpubuildError):
+    """The estimated peak disk of an image build is above the budget."""

@@ -17,7 +17,8 @@ from packaging.utils import canonicalize_name
 
 from builder.errors import BadInputError
 
-LOCK_FORMAT = 1
+# 2: the target's interpreter and install folder are part of the lock (and of the digest).
+LOCK_FORMAT = 2
 ARTIFACT_FORMAT = 1
 _HEADER_KEY = "# gpubuild: "
 _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==(?P<version>[^\s;\\]+)")
@@ -61,6 +62,9 @@ class Lock:
     inputs: str
     backend: str
     packages: tuple[LockedPackage, ...]
+    # Shebangs and PYTHONPATH are written into the artifact, so they decide its digest too.
+    interpreter: str = ""
+    install_dir: str = ""
     provided_by_base: tuple[Pinned, ...] = ()
     excluded: tuple[Excluded, ...] = ()
     shadowed: tuple[Shadowed, ...] = ()
@@ -88,6 +92,8 @@ class Lock:
                 "format": ARTIFACT_FORMAT,
                 "python": self.python,
                 "platform": self.platform,
+                "interpreter": self.interpreter,
+                "install_dir": self.install_dir,
                 "lock": self.body(),
             },
             sort_keys=True,
@@ -101,6 +107,8 @@ def render_lock(lock: Lock, install_dir: str) -> str:
         "profile": lock.profile,
         "python": lock.python,
         "platform": lock.platform,
+        "interpreter": lock.interpreter,
+        "install_dir": lock.install_dir,
         "inputs": lock.inputs,
         "backend": lock.backend,
         "provided_by_base": [asdict(p) for p in lock.provided_by_base],
@@ -144,6 +152,8 @@ def read_lock(path: Path) -> Lock:
         profile=str(report["profile"]),
         python=str(report["python"]),
         platform=str(report["platform"]),
+        interpreter=str(report["interpreter"]),
+        install_dir=str(report["install_dir"]),
         inputs=str(report["inputs"]),
         backend=str(report["backend"]),
         packages=tuple(parse_compiled(text)),

@@ -25,6 +25,7 @@ from packaging.version import Version
 
 from builder.base import read_snapshot
 from builder.errors import (
+    DiskFullError,
     GpubuildError,
     IntegrityError,
     PolicyViolationError,
@@ -67,12 +68,6 @@ _COPY_BUFFER = 2**20
 
 Progress = Callable[[str], None]
 _DEFAULT_SETTINGS = IndexSettings()
-
-
-class DiskFullError(GpubuildError):
-    """The output folder's filesystem ran out of space (ENOSPC)."""
-
-    # TODO(lead): move into builder/errors.py with the other fatal errors.
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import re
 import sys
 import sysconfig
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -86,9 +87,17 @@ def effective_indexes(profile: Profile, settings: IndexSettings) -> tuple[Index,
 
 
 def inputs_digest(
-    profile: Profile, snapshot_text: str, settings: IndexSettings, backend: str
+    profile: Profile,
+    snapshot_text: str,
+    settings: IndexSettings,
+    backend: str,
+    extra: Mapping[str, object] | None = None,
 ) -> str:
-    """What decides the lock; equal digests mean nothing to do (rule 7)."""
+    """What decides the lock; equal digests mean nothing to do (rule 7).
+
+    `extra` holds what a resolution of another requirement set adds (see `resolve`); without it
+    the digest is what it always was, so existing heavy locks stay valid.
+    """
     material = {
         "gpubuild": builder.__version__,
         "profile": profile.path.read_text(encoding="utf-8"),
@@ -96,6 +105,7 @@ def inputs_digest(
         "default_index": settings.default_url,
         "overrides": sorted(settings.overrides),
         "backend": backend,
+        **(extra or {}),
     }
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
 
@@ -111,15 +121,18 @@ def constraint_lines(profile: Profile, snapshot: BaseSnapshot) -> list[str]:
     return lines + list(profile.policy.constraints)
 
 
-def project_toml(profile: Profile, indexes: tuple[Index, ...]) -> str:
+def project_toml(
+    profile: Profile, indexes: tuple[Index, ...], requirements: tuple[str, ...] | None = None
+) -> str:
     """A throwaway pyproject: uv pins a package to one index only through [tool.uv.sources]."""
+    requirements = profile.heavy if requirements is None else requirements
     lines = [
         "[project]",
         f'name = "{_PROJECT_NAME}"',
         'version = "0"',
         f'requires-python = ">={profile.target.python}"',
         "dependencies = [",
-        *[f"    {json.dumps(r)}," for r in profile.heavy],
+        *[f"    {json.dumps(r)}," for r in requirements],
         "]",
         "",
     ]
@@ -190,7 +203,14 @@ def partition(
     return shipped, provided, excluded, shadowed
 
 
-def explain_conflict(tool_output: str, profile: Profile, snapshot: BaseSnapshot) -> str:
+def explain_conflict(
+    tool_output: str,
+    profile: Profile,
+    snapshot: BaseSnapshot,
+    *,
+    set_name: str = "heavy",
+    provided: Mapping[str, str] | None = None,
+) -> str:
     """Rule 6: the resolver's own explanation plus which of the clashing names the base pins."""
     text = tool_output.strip()
     mentioned = {
@@ -206,6 +226,9 @@ def explain_conflict(tool_output: str, profile: Profile, snapshot: BaseSnapshot)
                 f"  - {name}=={version} is pinned by the base image"
                 f" ({snapshot.path.name if snapshot.path else 'base snapshot'})"
             )
+    for name, version in sorted((provided or {}).items()):
+        if name in mentioned:
+            notes.append(f"  - {name}=={version} is shipped by the heavy set (its lock pins it)")
     for constraint in profile.policy.constraints:
         if canonicalize_name(Requirement(constraint).name) in mentioned:
             notes.append(f"  - {constraint} comes from [policy] constraints in {profile.path}")
@@ -216,7 +239,7 @@ def explain_conflict(tool_output: str, profile: Profile, snapshot: BaseSnapshot)
         r"([A-Za-z0-9][A-Za-z0-9._-]*)(?:==\S+)? (?:is only available as|has no wheels with a matching)",
         text,
     )
-    message = [f"cannot resolve the heavy set of profile {profile.name!r}:", text]
+    message = [f"cannot resolve the {set_name} set of profile {profile.name!r}:", text]
     if notes:
         message += ["Where the clashing requirements come from:", *notes]
     if no_wheel:
@@ -234,14 +257,31 @@ def resolve(
     lock_path: Path | None = None,
     settings: IndexSettings = IndexSettings(),
     backend: str = "uv",
+    requirements: tuple[str, ...] | None = None,
+    provided: Mapping[str, str] | None = None,
+    set_name: str = "heavy",
 ) -> ResolveResult:
+    """Resolve the profile's heavy set, or `requirements` under the same rules, into a lock.
+
+    `requirements` (default: [heavy] requirements) and `provided` (canonical name -> version of
+    what another lock already ships, such as the heavy set when the light set is resolved) let
+    one set be resolved on top of another: provided versions are hard constraints, and
+    provided names are left out of the shipped set and listed with the base-provided ones, so
+    the second set never repeats the first at another version. `set_name` names the set in
+    messages.
+    """
     if backend not in BACKENDS:
         raise BadInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     lock_path = lock_path or default_lock_path(profile)
     snapshot_text = profile.target.base_packages.read_text(encoding="utf-8")
     snapshot = read_snapshot(profile.target.base_packages)
     indexes = effective_indexes(profile, settings)
-    digest = inputs_digest(profile, snapshot_text, settings, backend)
+    provided = dict(provided or {})
+    extra_constraints = tuple(f"{name}=={version}" for name, version in sorted(provided.items()))
+    extra: dict[str, object] | None = None
+    if requirements is not None or provided:
+        extra = {"requirements": list(requirements or profile.heavy), "provided": extra_constraints}
+    digest = inputs_digest(profile, snapshot_text, settings, backend, extra)
     if lock_path.is_file():
         try:
             existing = read_lock(lock_path)
@@ -249,12 +289,15 @@ def resolve(
             existing = None
         if existing is not None and existing.inputs == digest:
             return ResolveResult(existing, lock_path, rewritten=False)
+    job = _Job(requirements or profile.heavy, extra_constraints, set_name, provided)
     if backend == "uv":
-        compiled, backend_label = _compile_with_uv(profile, snapshot, indexes, settings)
+        compiled, backend_label = _compile_with_uv(profile, snapshot, indexes, settings, job)
     else:
-        compiled, backend_label = _compile_with_pip_tools(profile, snapshot, indexes, settings)
-    shipped, provided, excluded, shadowed = partition(
-        parse_compiled(compiled), profile, snapshot, indexes
+        compiled, backend_label = _compile_with_pip_tools(profile, snapshot, indexes, settings, job)
+    # What the other set ships counts as provided, exactly like the base image's packages.
+    underneath = BaseSnapshot(snapshot.path, {**snapshot.packages, **provided})
+    shipped, pinned, excluded, shadowed = partition(
+        parse_compiled(compiled), profile, underneath, indexes
     )
     warnings = tuple(
         f"{e.name} is excluded but the base snapshot does not list it; nothing will provide it"
@@ -265,10 +308,12 @@ def resolve(
         profile=profile.name,
         python=profile.target.python,
         platform=profile.target.platform,
+        interpreter=profile.target.interpreter,
+        install_dir=profile.target.install_dir,
         inputs=digest,
         backend=backend_label,
         packages=tuple(sorted(shipped, key=lambda p: p.name)),
-        provided_by_base=tuple(sorted(provided, key=lambda p: p.name)),
+        provided_by_base=tuple(sorted(pinned, key=lambda p: p.name)),
         excluded=tuple(sorted(excluded, key=lambda e: e.name)),
         shadowed=tuple(sorted(shadowed, key=lambda s: s.name)),
         warnings=warnings,
@@ -292,14 +337,32 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one resolution is asked for (see `resolve`)."""
+
+    requirements: tuple[str, ...]
+    extra_constraints: tuple[str, ...] = ()
+    set_name: str = "heavy"
+    provided: Mapping[str, str] | None = None
+
+
 def _compile_with_uv(
-    profile: Profile, snapshot: BaseSnapshot, indexes: tuple[Index, ...], settings: IndexSettings
+    profile: Profile,
+    snapshot: BaseSnapshot,
+    indexes: tuple[Index, ...],
+    settings: IndexSettings,
+    job: _Job | None = None,
 ) -> tuple[str, str]:
+    job = job or _Job(profile.heavy)
     with tempfile.TemporaryDirectory(prefix="gpubuild-resolve-") as tmp:
         work = Path(tmp)
-        (work / "pyproject.toml").write_text(project_toml(profile, indexes), encoding="utf-8")
+        (work / "pyproject.toml").write_text(
+            project_toml(profile, indexes, job.requirements), encoding="utf-8"
+        )
         (work / "constraints.txt").write_text(
-            "\n".join(constraint_lines(profile, snapshot)) + "\n", encoding="utf-8"
+            "\n".join([*constraint_lines(profile, snapshot), *job.extra_constraints]) + "\n",
+            encoding="utf-8",
         )
         args = [
             "pip",
@@ -324,7 +387,7 @@ def _compile_with_uv(
             args += ["--default-index", settings.default_url]
         completed = run_uv(args, cwd=work)
         if completed.returncode != 0:
-            raise _failure(completed.stderr, profile, snapshot, "uv")
+            raise _failure(completed.stderr, profile, snapshot, "uv", job)
         return (work / "lock.txt").read_text(encoding="utf-8"), uv_version()
 
 
@@ -347,8 +410,13 @@ def host_matches_target(profile: Profile) -> bool:
 
 
 def _compile_with_pip_tools(
-    profile: Profile, snapshot: BaseSnapshot, indexes: tuple[Index, ...], settings: IndexSettings
+    profile: Profile,
+    snapshot: BaseSnapshot,
+    indexes: tuple[Index, ...],
+    settings: IndexSettings,
+    job: _Job | None = None,
 ) -> tuple[str, str]:
+    job = job or _Job(profile.heavy)
     if not host_matches_target(profile):
         raise BackendUnavailableError(
             f"--backend pip-tools resolves only for this machine (python"
@@ -364,10 +432,11 @@ def _compile_with_pip_tools(
     with tempfile.TemporaryDirectory(prefix="gpubuild-resolve-") as tmp:
         work = Path(tmp)
         (work / "constraints.txt").write_text(
-            "\n".join(constraint_lines(profile, snapshot)) + "\n", encoding="utf-8"
+            "\n".join([*constraint_lines(profile, snapshot), *job.extra_constraints]) + "\n",
+            encoding="utf-8",
         )
         (work / "requirements.in").write_text(
-            "-c constraints.txt\n" + "\n".join(profile.heavy) + "\n", encoding="utf-8"
+            "-c constraints.txt\n" + "\n".join(job.requirements) + "\n", encoding="utf-8"
         )
         argv = [
             *pip_compile_argv(),
@@ -390,12 +459,15 @@ def _compile_with_pip_tools(
                 raise ToolFailedError(
                     "--backend pip-tools needs pip-tools installed (pip install pip-tools)"
                 )
-            raise _failure(completed.stderr, profile, snapshot, "pip-compile")
+            raise _failure(completed.stderr, profile, snapshot, "pip-compile", job)
         version = run_tool([*pip_compile_argv(), "--version"]).stdout.strip()
         return (work / "lock.txt").read_text(encoding="utf-8"), f"pip-tools {version}"
 
 
-def _failure(stderr: str, profile: Profile, snapshot: BaseSnapshot, tool: str) -> Exception:
+def _failure(
+    stderr: str, profile: Profile, snapshot: BaseSnapshot, tool: str, job: _Job | None = None
+) -> Exception:
+    job = job or _Job(profile.heavy)
     if (
         re.search(
             r"No solution found|ResolutionImpossible|Could not find a version|conflict",
@@ -404,7 +476,11 @@ def _failure(stderr: str, profile: Profile, snapshot: BaseSnapshot, tool: str) -
         )
         or "wheel" in stderr
     ):
-        return ResolutionError(explain_conflict(stderr, profile, snapshot))
+        return ResolutionError(
+            explain_conflict(
+                stderr, profile, snapshot, set_name=job.set_name, provided=job.provided
+            )
+        )
     return ToolFailedError(f"{tool} failed:\n{stderr.strip()}")
 
 

@@ -16,12 +16,11 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from builder.errors import PolicyViolationError
+from builder.errors import DiskFullError, PolicyViolationError
 from builder.lock import Lock, LockedPackage
 from builder.manifest import Manifest, blob_key, manifest_from_bytes, manifest_key
 from builder.pack import (
     FIXED_MTIME,
-    DiskFullError,
     check_tree,
     install_passes,
     materialise,

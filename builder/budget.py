@@ -1,0 +1,216 @@
+"""The build agent's disk budget: the peak a worker image build needs, item by item.
+
+A CI agent (about 10 GB of disk on Azure DevOps) pulls the base image (compressed layers land
+on disk, then are extracted), receives the build context, writes the new layers (light
+packages, code), and, when pushing, the compressed export of the new layers. The estimate adds
+those up. A figure nobody knows (the base image's download size when neither the profile nor
+an engine can say) stays unknown: the verdict is then "incomplete", never a guess.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 10**9
+MB = 10**6
+DEFAULT_BUDGET_BYTES = 10 * GB
+
+
+@dataclass(frozen=True)
+class BudgetItem:
+    label: str
+    bytes: int | None  # None: unknown
+    source: str  # where the figure comes from
+
+
+@dataclass(frozen=True)
+class Budget:
+    items: tuple[BudgetItem, ...]
+    budget_bytes: int
+
+    @property
+    def known_bytes(self) -> int:
+        return sum(item.bytes for item in self.items if item.bytes is not None)
+
+    @property
+    def unknown(self) -> tuple[str, ...]:
+        return tuple(item.label for item in self.items if item.bytes is None)
+
+    @property
+    def over(self) -> bool:
+        """Over budget already with the known figures alone."""
+        return self.known_bytes > self.budget_bytes
+
+    @property
+    def verdict(self) -> str:
+        if self.over:
+            return "over"
+        return "incomplete" if self.unknown else "fits"
+
+
+@dataclass(frozen=True)
+class BaseSizes:
+    download_bytes: int | None
+    download_source: str
+    extracted_bytes: int | None
+    extracted_source: str
+
+
+def base_sizes(
+    image: str,
+    profile_download: int | None,
+    profile_extracted: int | None,
+    engine_extracted: int | None,
+) -> BaseSizes:
+    """The profile's recorded figures first, then what a Docker engine that has the image says."""
+    if profile_download is not None:
+        download, download_source = profile_download, "profile [target] base_image_download_bytes"
+    else:
+        download, download_source = (
+            None,
+            "unknown: record [target] base_image_download_bytes in the profile",
+        )
+    if profile_extracted is not None:
+        extracted, extracted_source = profile_extracted, "profile [target] base_image_bytes"
+    elif engine_extracted is not None:
+        extracted, extracted_source = engine_extracted, f"Docker engine (image {image})"
+    else:
+        extracted, extracted_source = (
+            None,
+            "unknown: record [target] base_image_bytes in the profile, or pull the image",
+        )
+    return BaseSizes(download, download_source, extracted, extracted_source)
+
+
+def estimate(
+    base: BaseSizes,
+    *,
+    context_bytes: int,
+    context_source: str,
+    light_bytes: int,
+    light_source: str = "measured: the light lock installed for the target by uv",
+    code_bytes: int,
+    code_source: str = "measured: the files the Dockerfile copies",
+    push: bool,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> Budget:
+    """The peak disk of one build on a fresh agent, as a breakdown."""
+    items = [
+        BudgetItem("base image download (compressed)", base.download_bytes, base.download_source),
+        BudgetItem("base image extracted", base.extracted_bytes, base.extracted_source),
+        BudgetItem("build context", context_bytes, context_source),
+        BudgetItem("light layer", light_bytes, light_source),
+        BudgetItem("copied files", code_bytes, code_source),
+    ]
+    if push:
+        items.append(
+            BudgetItem(
+                "image export for push",
+                light_bytes + code_bytes,
+                "estimated: new layers, compressed (at most their raw size)",
+            )
+        )
+    return Budget(tuple(items), budget_bytes)
+
+
+def image_estimate(base: BaseSizes, light_bytes: int, code_bytes: int) -> int | None:
+    """What `docker images` should show for the built image: base plus the new layers."""
+    if base.extracted_bytes is None:
+        return None
+    return base.extracted_bytes + light_bytes + code_bytes
+
+
+def human_size(count: int | None) -> str:
+    if count is None:
+        return "unknown"
+    if count >= GB:
+        return f"{count / GB:,.2f} GB"
+    if count >= MB:
+        return f"{count / MB:,.1f} MB"
+    if count >= 1000:
+        return f"{count / 1000:,.1f} kB"
+    return f"{count} B"
+
+
+def render_budget(budget: Budget) -> str:
+    width = max(len(item.label) for item in budget.items)
+    lines = ["disk budget of the build agent (peak):"]
+    for item in budget.items:
+        lines.append(f"  {item.label:<{width}}  {human_size(item.bytes):>10}  {item.source}")
+    total = human_size(budget.known_bytes)
+    if budget.unknown:
+        total += " + unknown"
+    lines.append(f"  {'total':<{width}}  {total:>10}")
+    lines.append(f"  {'budget':<{width}}  {human_size(budget.budget_bytes):>10}")
+    if budget.verdict == "over":
+        lines.append(
+            f"verdict: OVER BUDGET by {human_size(budget.known_bytes - budget.budget_bytes)}: move"
+            " large [light] requirements to [heavy], shrink the build context (.dockerignore),"
+            " or raise --budget-gb if the agent really has more disk"
+        )
+    elif budget.verdict == "incomplete":
+        lines.append(
+            f"verdict: incomplete: {', '.join(budget.unknown)} unknown; the known items fit"
+            f" with {human_size(budget.budget_bytes - budget.known_bytes)} to spare"
+        )
+    else:
+        lines.append(
+            f"verdict: fits, {human_size(budget.budget_bytes - budget.known_bytes)} to spare"
+        )
+    return "\n".join(lines)
+
+
+def budget_document(budget: Budget) -> dict[str, object]:
+    return {
+        "items": [
+            {"label": item.label, "bytes": item.bytes, "source": item.source}
+            for item in budget.items
+        ],
+        "known_bytes": budget.known_bytes,
+        "unknown": list(budget.unknown),
+        "budget_bytes": budget.budget_bytes,
+        "verdict": budget.verdict,
+    }
+
+
+# --- measuring files ----------------------------------------------------------------------------
+
+
+def files_bytes(paths: Iterable[Path]) -> int:
+    """Bytes of the regular files at or below each path (symlinks are not followed)."""
+    total = 0
+    for path in paths:
+        if path.is_symlink():
+            continue
+        if path.is_file():
+            total += path.stat().st_size
+            continue
+        for folder, _dirs, files in os.walk(path):
+            for name in files:
+                item = Path(folder) / name
+                if not item.is_symlink():
+                    total += item.stat().st_size
+    return total
+
+
+def context_bytes(context: Path) -> int:
+    """What `docker build CONTEXT` sends: the folder minus what .dockerignore excludes."""
+    from docker.utils.build import exclude_paths
+
+    ignore = context / ".dockerignore"
+    patterns: list[str] = []
+    if ignore.is_file():
+        patterns = [
+            line.strip()
+            for line in ignore.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.strip().startswith("#")
+        ]
+    total = 0
+    for relative in exclude_paths(str(context), patterns):
+        item = context / relative
+        if item.is_file() and not item.is_symlink():
+            total += item.stat().st_size
+    return total

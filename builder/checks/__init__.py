@@ -1,0 +1,1 @@
+"""The parts of `gpubuild check` (builder/check.py is the entry point)."""
