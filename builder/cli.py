@@ -61,6 +61,29 @@ def _parse_index_overrides(values: tuple[str, ...]) -> tuple[tuple[str, str], ..
     return tuple(overrides)
 
 
+def _index_settings(index_url: str | None, index_overrides: tuple[str, ...]) -> object:
+    from builder.resolve import IndexSettings
+
+    return IndexSettings(default_url=index_url, overrides=_parse_index_overrides(index_overrides))
+
+
+def index_options(command: object) -> object:
+    """--index-url and --index NAME=URL, the same on every command that resolves."""
+    command = click.option(
+        "--index",
+        "index_overrides",
+        multiple=True,
+        metavar="NAME=URL",
+        help="Replace the URL of the profile's [[index]] NAME; NAME=default takes its packages "
+        "from the default index instead. Repeatable.",
+    )(command)  # type: ignore[arg-type]
+    return click.option(
+        "--index-url",
+        metavar="URL",
+        help="Default package index (instead of uv's default or your pip/uv configuration).",
+    )(command)
+
+
 @main.command()
 @click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -78,19 +101,7 @@ def _parse_index_overrides(values: tuple[str, ...]) -> tuple[tuple[str, str], ..
     show_default=True,
     help="Resolver. pip-tools works only when the target python and platform are the host's.",
 )
-@click.option(
-    "--index-url",
-    metavar="URL",
-    help="Default package index (instead of uv's default or your pip/uv configuration).",
-)
-@click.option(
-    "--index",
-    "index_overrides",
-    multiple=True,
-    metavar="NAME=URL",
-    help="Replace the URL of the profile's [[index]] NAME; NAME=default takes its packages "
-    "from the default index instead. Repeatable.",
-)
+@index_options
 def resolve(
     profile: Path,
     lock_path: Path | None,
@@ -114,13 +125,11 @@ def resolve(
       gpubuild resolve profiles/torch-cu121.toml --index pytorch-cu121=default --json
     """
     from builder.profile import load_profile
-    from builder.resolve import IndexSettings, report_document, report_text
+    from builder.resolve import report_document, report_text
     from builder.resolve import resolve as run_resolve
 
     loaded = load_profile(profile)
-    settings = IndexSettings(
-        default_url=index_url, overrides=_parse_index_overrides(index_overrides)
-    )
+    settings = _index_settings(index_url, index_overrides)
     click.echo(
         f"resolving {loaded.name} for python {loaded.target.python} on "
         f"{loaded.target.platform} ...",
@@ -157,12 +166,6 @@ def base_snapshot(image: str, output: Path) -> None:
     click.echo(f"{len(packages)} distributions from {image} ({interpreter}) -> {output}", err=True)
 
 
-def _index_settings(index_url: str | None, index_overrides: tuple[str, ...]) -> object:
-    from builder.resolve import IndexSettings
-
-    return IndexSettings(default_url=index_url, overrides=_parse_index_overrides(index_overrides))
-
-
 @main.command("publish-cache")
 @click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
@@ -179,14 +182,7 @@ def _index_settings(index_url: str | None, index_overrides: tuple[str, ...]) -> 
     help="The lock (default: <profile>.lock beside the profile); resolved when missing or stale.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@click.option("--index-url", metavar="URL", help="Default package index, as for resolve.")
-@click.option(
-    "--index",
-    "index_overrides",
-    multiple=True,
-    metavar="NAME=URL",
-    help="Replace the URL of the profile's [[index]] NAME (NAME=default: the default index).",
-)
+@index_options
 def publish_cache_command(
     profile: Path,
     store_url: str | None,
@@ -332,15 +328,7 @@ def sas(store_url: str, expires_in: str, out: Path | None) -> None:
     "missing or stale.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-@click.option("--index-url", metavar="URL", help="Default package index, as for resolve.")
-@click.option(
-    "--index",
-    "index_overrides",
-    multiple=True,
-    metavar="NAME=URL",
-    help="Replace the URL of the profile's [[index]] NAME (NAME=default: the default index). "
-    "Repeatable.",
-)
+@index_options
 def pack_command(
     profile: Path,
     out_dir: Path | None,
@@ -362,12 +350,9 @@ def pack_command(
     """
     from builder.pack import default_store_dir, manifest_document, pack
     from builder.profile import load_profile
-    from builder.resolve import IndexSettings
 
     loaded = load_profile(profile)
-    settings = IndexSettings(
-        default_url=index_url, overrides=_parse_index_overrides(index_overrides)
-    )
+    settings = _index_settings(index_url, index_overrides)
     out = out_dir or default_store_dir()
     click.echo(f"packing {loaded.name} into {out} ...", err=True)
     result = pack(
@@ -611,14 +596,7 @@ def _worker_options(command: object) -> object:
             ),
             _mb_option(),
             _budget_option(),
-            click.option("--index-url", metavar="URL", help="Default package index."),
-            click.option(
-                "--index",
-                "index_overrides",
-                multiple=True,
-                metavar="NAME=URL",
-                help="Replace the URL of the profile's [[index]] NAME. Repeatable.",
-            ),
+            index_options,
             click.option(
                 "--json", "as_json", is_flag=True, help="Print a JSON document on stdout."
             ),

@@ -101,7 +101,15 @@ class Lock:
         return hashlib.sha256(material.encode()).hexdigest()
 
 
-def render_lock(lock: Lock, install_dir: str) -> str:
+def render_lock(
+    lock: Lock,
+    install_dir: str,
+    *,
+    set_name: str = "heavy",
+    provided_by_other_set: frozenset[str] = frozenset(),
+) -> str:
+    """The lock file's text. A set resolved on top of another (the light set on the heavy one)
+    lists what that other set provides apart from what the base image provides."""
     report = {
         "format": LOCK_FORMAT,
         "profile": lock.profile,
@@ -116,12 +124,27 @@ def render_lock(lock: Lock, install_dir: str) -> str:
         "shadowed": [asdict(s) for s in lock.shadowed],
         "warnings": list(lock.warnings),
     }
+    if set_name == "heavy":
+        install_line = f"# Install: pip install --no-deps --require-hashes --target {install_dir} -r <this file>"
+    else:
+        install_line = f"# Install (the {set_name} set, into the image): pip install --no-deps --require-hashes -r <this file>"
+    from_base = [p for p in lock.provided_by_base if p.name not in provided_by_other_set]
+    from_other = [p for p in lock.provided_by_base if p.name in provided_by_other_set]
+    other_line = (
+        [
+            "# Provided by the heavy set (not shipped): "
+            + (", ".join(f"{p.name}=={p.version}" for p in from_other) or "none")
+        ]
+        if set_name != "heavy"
+        else []
+    )
     header = [
         f"# Lock for profile {lock.profile!r}, written by gpubuild resolve; do not edit.",
         f"# Target: python {lock.python} on {lock.platform}. Digest: {lock.digest()}",
-        f"# Install: pip install --no-deps --require-hashes --target {install_dir} -r <this file>",
+        install_line,
         "# Provided by the base image (not shipped): "
-        + (", ".join(f"{p.name}=={p.version}" for p in lock.provided_by_base) or "none"),
+        + (", ".join(f"{p.name}=={p.version}" for p in from_base) or "none"),
+        *other_line,
         "# Excluded by policy (the base provides them): "
         + (
             ", ".join(f"{e.name} (wanted by {', '.join(e.required_by)})" for e in lock.excluded)

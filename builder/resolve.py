@@ -318,7 +318,12 @@ def resolve(
         shadowed=tuple(sorted(shadowed, key=lambda s: s.name)),
         warnings=warnings,
     )
-    text = render_lock(lock, profile.target.install_dir)
+    text = render_lock(
+        lock,
+        profile.target.install_dir,
+        set_name=set_name,
+        provided_by_other_set=frozenset(provided),
+    )
     rewritten = not (lock_path.is_file() and lock_path.read_text(encoding="utf-8") == text)
     if rewritten:
         write_atomically(lock_path, text)

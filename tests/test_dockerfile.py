@@ -267,6 +267,10 @@ def test_light_lock_is_resolved_on_top_of_the_heavy_lock(tmp_path: Path, index: 
     lock = read_lock(light_lock)
     assert all(p.hashes for p in lock.packages)
     assert {p.name for p in lock.packages} == {"light-app", "small-util"}
+    header = light_lock.read_text()
+    assert "# Provided by the heavy set (not shipped): shared-dep==1.0" in header
+    assert "# Provided by the base image (not shipped): packaging==23.0" in header
+    assert "--target" not in header
     text = document["dockerfile_text"]
     assert "COPY worker.light.lock /opt/gpubuild/light.lock" in text
     assert "/usr/bin/python3 -m pip install" in text and "COPY tasks.py /app/tasks.py" in text
