@@ -206,6 +206,7 @@ def assert_installed(target: Path, artifact: Artifact, *, clean: bool = True) ->
         [
             sys.executable,
             "-s",
+            "-B",  # no __pycache__: the tree must stay exactly the installed set
             "-c",
             "import alpha, beta, bigpkg, alpha.sub.deep.leaf; print(alpha.VERSION)",
         ],
@@ -435,6 +436,39 @@ def test_installs_from_a_file_store_and_a_second_run_touches_nothing(
     assert "already installed" in second.stderr
     after = {p: p.lstat().st_mtime_ns for p in target.rglob("*") if p.name != "lock"}
     assert after == before
+
+
+def _path_without(tmp_path: Path, program: str) -> str:
+    """A PATH with every program of this one but `program` (as in an image that lacks it)."""
+    folder = tmp_path / f"bin-without-{program}"
+    folder.mkdir()
+    for directory in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(directory):
+            continue
+        for entry in os.scandir(directory):
+            link = folder / entry.name
+            if entry.name != program and not link.exists() and os.access(entry.path, os.X_OK):
+                link.symlink_to(entry.path)
+    return str(folder)
+
+
+def test_without_openssl_sha256sum_checks_the_same_digests(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    """The script hashes with OpenSSL when it can (faster) and with sha256sum otherwise."""
+    path = _path_without(tmp_path, "openssl")
+    target = tmp_path / "vol"
+    target.mkdir()
+    script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
+    result = run_init(script, target, {"PATH": path})
+    assert result.returncode == 0, result.stderr
+    assert_installed(target, artifacts.a)
+    tampered = _tampered_store(artifacts, tmp_path, artifacts.b.manifest)
+    refused = run_init(
+        write_script(tmp_path, artifacts.b.manifest, tampered.as_uri()), target, {"PATH": path}
+    )
+    assert refused.returncode == 1 and "sha256 mismatch" in refused.stderr
+    assert_installed(target, artifacts.a)
 
 
 def test_upgrade_replaces_the_set(artifacts: Artifacts, tmp_path: Path) -> None:
