@@ -219,8 +219,9 @@ def publish_cache_command(
     if result.already_published:
         summary = "already published, nothing uploaded"
     else:
+        verb = "written" if result.store.startswith("file://") else "uploaded"
         summary = (
-            f"{result.shards_uploaded} shard(s) uploaded ({result.bytes_uploaded / 1e6:,.1f} MB),"
+            f"{result.shards_uploaded} shard(s) {verb} ({result.bytes_uploaded / 1e6:,.1f} MB),"
             f" {result.shards_present} already there"
         )
     click.echo(
