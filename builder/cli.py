@@ -21,6 +21,11 @@ class GpubuildGroup(click.Group):
         except GpubuildError as exc:
             click.echo(f"gpubuild: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except OSError as exc:
+            # A file or folder the user named that cannot be read or written: a message, not
+            # a traceback. (Secrets never travel in OSError texts: they carry paths.)
+            click.echo(f"gpubuild: error: {exc}", err=True)
+            ctx.exit(1)
 
 
 @click.group(cls=GpubuildGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -77,7 +77,10 @@ def unpack_shard(stream: BinaryIO, shard: Shard, into: Path) -> None:
                         files += 1
                     tar.extract(member, into, **_safe_filter())
         except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
-            raise IntegrityError(f"shard {shard.sha256[:16]} is damaged: {exc}") from None
+            raise IntegrityError(
+                f"shard {shard.sha256[:16]} is damaged ({exc}): delete"
+                f" blobs/{shard.sha256}.tar.zst from the store, then publish the profile again"
+            ) from None
         while tar_bytes.read(_CHUNK):  # the tar's zero blocks count for tar_sha256 too
             pass
     while compressed.read(_CHUNK):
@@ -86,7 +89,8 @@ def unpack_shard(stream: BinaryIO, shard: Shard, into: Path) -> None:
         raise IntegrityError(
             f"shard {shard.sha256[:16]}: got {compressed.bytes} bytes with sha256"
             f" {compressed.sha256.hexdigest()[:16]}, expected {shard.bytes} bytes with"
-            f" {shard.sha256[:16]}; the copy in the store is damaged or was replaced"
+            f" {shard.sha256[:16]}; the copy in the store is damaged or was replaced: delete"
+            f" blobs/{shard.sha256}.tar.zst from the store, then publish the profile again"
         )
     if tar_bytes.sha256.hexdigest() != shard.tar_sha256 or files != shard.files:
         raise IntegrityError(
@@ -130,9 +134,9 @@ def fetch(
                 f"shard {number}/{len(manifest.shards)} ok: {shard.bytes / 1e6:,.1f} MB,"
                 f" {shard.files} files ({', '.join(shard.packages)[:60]}); {elapsed:.1f} s"
             )
-        into.mkdir(exist_ok=True)
-        for entry in sorted(staging.iterdir()):
-            entry.rename(into / entry.name)
+        # One rename (it replaces an empty folder too): the whole tree appears at once, or not.
+        staging.chmod(0o755)
+        staging.rename(into)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.monotonic() - start

@@ -21,6 +21,7 @@ from builder.errors import BadInputError, IntegrityError, NotPublishedError
 from builder.lock import Lock, parse_compiled, read_lock
 from builder.manifest import Manifest, manifest_from_bytes
 from builder.profile import Profile
+from builder.resolve import default_lock_path, sources_digest
 from builder.store import Store, open_store
 
 FALLBACKS = ("pip",)
@@ -231,7 +232,7 @@ class Published:
 
 def lock_for_profile(profile: Profile, lock_path: Path | None) -> tuple[Lock, Path]:
     """The profile's current lock; an error that says to resolve when it is missing or stale."""
-    path = lock_path or profile.path.with_suffix(".lock")
+    path = lock_path or default_lock_path(profile)
     if not path.is_file():
         raise BadInputError(
             f"{path}: no lock yet; run `gpubuild publish-cache {profile.path}` (or resolve) first"
@@ -242,6 +243,13 @@ def lock_for_profile(profile: Profile, lock_path: Path | None) -> tuple[Lock, Pa
         raise BadInputError(
             f"{path} is for {lock.profile} (python {lock.python} on {lock.platform}), not "
             f"{wanted[0]} (python {wanted[1]} on {wanted[2]}); run `gpubuild resolve` again"
+        )
+    target = (profile.target.interpreter, profile.target.install_dir)
+    if (lock.interpreter, lock.install_dir) != target or lock.sources != sources_digest(profile):
+        raise BadInputError(
+            f"{path} is stale: {profile.path} or its base snapshot changed since it was written;"
+            f" run `gpubuild publish-cache {profile.path}` again (it resolves, packs and"
+            " publishes the new set)"
         )
     return lock, path
 

@@ -29,8 +29,7 @@ from builder.errors import BadInputError, PolicyViolationError
 from builder.lock import Lock, Pinned
 from builder.pack import materialise
 from builder.profile import Profile
-from builder.resolve import IndexSettings, ResolveResult, effective_indexes, resolve
-from builder.tools import redact_url
+from builder.resolve import IndexSettings, ResolveResult, real_index_urls, resolve
 from builder.tree import list_tree, read_distributions
 
 Progress = Callable[[str], None]
@@ -207,14 +206,6 @@ def light_lock_path(heavy_lock_path: Path) -> Path:
 
 
 # --- edges: resolve, install, measure -----------------------------------------------------------
-
-
-def real_index_urls(profile: Profile, settings: IndexSettings) -> dict[str, str]:
-    """Locks record redacted index URLs; map them back to the URLs with credentials."""
-    urls = [index.url for index in effective_indexes(profile, settings)]
-    if settings.default_url:
-        urls.append(settings.default_url)
-    return {redact_url(url.rstrip("/")): url for url in urls}
 
 
 def measure(

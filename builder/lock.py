@@ -65,6 +65,9 @@ class Lock:
     # Shebangs and PYTHONPATH are written into the artifact, so they decide its digest too.
     interpreter: str = ""
     install_dir: str = ""
+    # sha256 of the profile file and base snapshot it was resolved from: a stale lock is seen
+    # without resolving again (the index settings of that run are not known later).
+    sources: str = ""
     provided_by_base: tuple[Pinned, ...] = ()
     excluded: tuple[Excluded, ...] = ()
     shadowed: tuple[Shadowed, ...] = ()
@@ -117,6 +120,7 @@ def render_lock(
         "platform": lock.platform,
         "interpreter": lock.interpreter,
         "install_dir": lock.install_dir,
+        "sources": lock.sources,
         "inputs": lock.inputs,
         "backend": lock.backend,
         "provided_by_base": [asdict(p) for p in lock.provided_by_base],
@@ -177,6 +181,7 @@ def read_lock(path: Path) -> Lock:
         platform=str(report["platform"]),
         interpreter=str(report["interpreter"]),
         install_dir=str(report["install_dir"]),
+        sources=str(report.get("sources", "")),
         inputs=str(report["inputs"]),
         backend=str(report["backend"]),
         packages=tuple(parse_compiled(text)),

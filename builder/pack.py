@@ -42,7 +42,7 @@ from builder.manifest import (
     manifest_to_bytes,
 )
 from builder.profile import Profile
-from builder.resolve import IndexSettings, effective_indexes, resolve
+from builder.resolve import IndexSettings, real_index_urls, resolve
 from builder.tools import redact_url, run_uv
 from builder.tree import (
     Entry,
@@ -150,11 +150,9 @@ def write_shard(tree: Path, plan: ShardPlan, entries: Mapping[str, Entry], blobs
             output.flush()
             os.fsync(output.fileno())
         sha256 = compressed.sha256.hexdigest()
-        final = blobs.parent / blob_key(sha256)
-        if final.exists() and final.stat().st_size == compressed.count:
-            temp.unlink()  # the same bytes are already there: keep the existing blob
-        else:
-            os.replace(temp, final)
+        # Always replace: the bytes just written are known good, while a blob already there
+        # with the same name may have been damaged since (a size check cannot tell).
+        os.replace(temp, blobs.parent / blob_key(sha256))
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -363,7 +361,9 @@ def install_passes(
         )
     real_urls = real_urls or {}
     return [
-        InstallPass(real_urls.get(url, url) if url else default_url, "\n".join(lines) + "\n")
+        InstallPass(
+            real_urls.get(url.rstrip("/"), url) if url else default_url, "\n".join(lines) + "\n"
+        )
         for url, lines in sorted(groups.items(), key=lambda item: item[0] or "")
     ]
 
@@ -489,13 +489,6 @@ def reusable_manifest(out_dir: Path, profile: str, digest: str) -> Manifest | No
     return manifest
 
 
-def _real_urls(profile: Profile, settings: IndexSettings) -> dict[str, str]:
-    urls = [index.url for index in effective_indexes(profile, settings)]
-    if settings.default_url:
-        urls.append(settings.default_url)
-    return {redact_url(url.rstrip("/")): url for url in urls}
-
-
 def pack(
     profile: Profile,
     *,
@@ -529,7 +522,7 @@ def pack(
             tree,
             python=lock.python,
             platform=lock.platform,
-            real_urls=_real_urls(profile, settings),
+            real_urls=real_index_urls(profile, settings),
             default_url=settings.default_url,
             on_progress=report,
         )

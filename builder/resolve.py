@@ -41,7 +41,14 @@ from builder.lock import (
     render_lock,
 )
 from builder.profile import Index, Profile
-from builder.tools import pip_compile_argv, redact_url, run_tool, run_uv, uv_version
+from builder.tools import (
+    pip_compile_argv,
+    redact_url,
+    run_tool,
+    run_uv,
+    scrub_urls,
+    uv_version,
+)
 
 BACKENDS = ("uv", "pip-tools")
 USE_DEFAULT_INDEX = "default"
@@ -84,6 +91,20 @@ def effective_indexes(profile: Profile, settings: IndexSettings) -> tuple[Index,
             continue
         result.append(replace(index, url=url.rstrip("/")))
     return tuple(result)
+
+
+def real_index_urls(profile: Profile, settings: IndexSettings) -> dict[str, str]:
+    """Locks record index URLs without credentials; map them back to the URLs to install from."""
+    urls = [index.url for index in effective_indexes(profile, settings)]
+    if settings.default_url:
+        urls.append(settings.default_url)
+    return {redact_url(url).rstrip("/"): url for url in urls}
+
+
+def sources_digest(profile: Profile) -> str:
+    """sha256 of the profile file and its base snapshot: what a lock was resolved from."""
+    material = profile.path.read_bytes() + b"\0" + profile.target.base_packages.read_bytes()
+    return hashlib.sha256(material).hexdigest()
 
 
 def inputs_digest(
@@ -172,10 +193,14 @@ def partition(
             required_by=tuple(
                 "(profile)" if name == _PROJECT_NAME else name for name in package.required_by
             ),
-            index_url=redact_url(package.index_url) if package.index_url else None,
+            index_url=redact_url(package.index_url).rstrip("/") if package.index_url else None,
         )
         route = routes.get(package.name)
-        if route is not None and package.index_url and package.index_url != redact_url(route.url):
+        if (
+            route is not None
+            and package.index_url
+            and package.index_url != redact_url(route.url).rstrip("/")
+        ):
             raise PolicyViolationError(
                 f"{package.name} came from {package.index_url}, but the profile takes it from"
                 f" index {route.name!r} ({redact_url(route.url)}) only"
@@ -256,7 +281,7 @@ def resolve(
     *,
     lock_path: Path | None = None,
     settings: IndexSettings = IndexSettings(),
-    backend: str = "uv",
+    backend: str | None = None,
     requirements: tuple[str, ...] | None = None,
     provided: Mapping[str, str] | None = None,
     set_name: str = "heavy",
@@ -268,11 +293,14 @@ def resolve(
     one set be resolved on top of another: provided versions are hard constraints, and
     provided names are left out of the shipped set and listed with the base-provided ones, so
     the second set never repeats the first at another version. `set_name` names the set in
-    messages.
+    messages. `backend` None keeps the backend of an existing lock (uv for a new one), so that
+    pack or publish-cache never re-resolve a pip-tools lock with uv behind the user's back.
     """
+    lock_path = lock_path or default_lock_path(profile)
+    if backend is None:
+        backend = _existing_backend(lock_path)
     if backend not in BACKENDS:
         raise BadInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    lock_path = lock_path or default_lock_path(profile)
     snapshot_text = profile.target.base_packages.read_text(encoding="utf-8")
     snapshot = read_snapshot(profile.target.base_packages)
     indexes = effective_indexes(profile, settings)
@@ -310,6 +338,7 @@ def resolve(
         platform=profile.target.platform,
         interpreter=profile.target.interpreter,
         install_dir=profile.target.install_dir,
+        sources=sources_digest(profile),
         inputs=digest,
         backend=backend_label,
         packages=tuple(sorted(shipped, key=lambda p: p.name)),
@@ -328,6 +357,14 @@ def resolve(
     if rewritten:
         write_atomically(lock_path, text)
     return ResolveResult(lock, lock_path, rewritten)
+
+
+def _existing_backend(lock_path: Path) -> str:
+    try:
+        label = read_lock(lock_path).backend
+    except BadInputError:
+        return "uv"
+    return "pip-tools" if label.startswith("pip-tools") else "uv"
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -393,7 +430,24 @@ def _compile_with_uv(
         completed = run_uv(args, cwd=work)
         if completed.returncode != 0:
             raise _failure(completed.stderr, profile, snapshot, "uv", job)
-        return (work / "lock.txt").read_text(encoding="utf-8"), uv_version()
+        compiled = (work / "lock.txt").read_text(encoding="utf-8")
+        # uv applies [tool.uv.sources] to direct dependencies only, so a routed package that
+        # something else pulls in (torch's nvidia-* say) would come from the default index.
+        # Naming it as a direct dependency routes it; the versions stay what they were.
+        direct = {canonicalize_name(Requirement(r).name) for r in job.requirements}
+        routed = {package for index in indexes for package in index.packages}
+        pulled_in = sorted(
+            p.name for p in parse_compiled(compiled) if p.name in routed and p.name not in direct
+        )
+        if pulled_in:
+            (work / "pyproject.toml").write_text(
+                project_toml(profile, indexes, (*job.requirements, *pulled_in)), encoding="utf-8"
+            )
+            completed = run_uv(args, cwd=work)
+            if completed.returncode != 0:
+                raise _failure(completed.stderr, profile, snapshot, "uv", job)
+            compiled = (work / "lock.txt").read_text(encoding="utf-8")
+        return compiled, uv_version()
 
 
 def host_matches_target(profile: Profile) -> bool:
@@ -473,6 +527,7 @@ def _failure(
     stderr: str, profile: Profile, snapshot: BaseSnapshot, tool: str, job: _Job | None = None
 ) -> Exception:
     job = job or _Job(profile.heavy)
+    stderr = scrub_urls(stderr)
     if (
         re.search(
             r"No solution found|ResolutionImpossible|Could not find a version|conflict",

@@ -773,6 +773,16 @@ class AzureStore(Store):
             return False
         if present is not None:
             raise self._wrong_size(sha256, present, size)
+        # The parallel block upload reads the file out of order, so hash it first: a local
+        # blob damaged after packing must never reach the store every pod reads.
+        digest = hashlib.sha256()
+        with path.open("rb") as source:
+            while chunk := source.read(_COPY_CHUNK):
+                digest.update(chunk)
+        if digest.hexdigest() != sha256:
+            raise IntegrityError(
+                f"{path}: its sha256 is {digest.hexdigest()}, not {sha256}; delete it and pack again"
+            )
         blob = self._container.get_blob_client(self._name(blob_key(sha256)))
         hook = _ProgressDeltas(on_progress) if on_progress else None
 
@@ -937,15 +947,21 @@ def make_read_sas(
     # Plain http only for loopback emulators; a real account's token is https-only.
     protocol = "https" if creds.endpoint.startswith("https://") else None
     if creds.kind == "key":
-        return generate_container_sas(
-            store.account,
-            store.container,
-            account_key=creds.account_key,
-            permission=permission,
-            expiry=expiry,
-            start=start,
-            protocol=protocol,
-        )
+        try:
+            return generate_container_sas(
+                store.account,
+                store.container,
+                account_key=creds.account_key,
+                permission=permission,
+                expiry=expiry,
+                start=start,
+                protocol=protocol,
+            )
+        except (ValueError, TypeError):  # binascii.Error is a ValueError
+            raise BadInputError(
+                f"the AccountKey from {creds.source} is not valid base64; copy the account's "
+                "key or connection string again"
+            ) from None
     if creds.kind == "identity":
         if expiry - now > _USER_DELEGATION_MAX:
             raise BadInputError(

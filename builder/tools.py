@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -75,3 +76,13 @@ def redact_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+
+
+_URL_SECRET = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?:[^/\s@]+@)?(?P<rest>[^\s?#'\"]*)(?:\?[^\s#'\"]*)?", re.I
+)
+
+
+def scrub_urls(text: str) -> str:
+    """Drop user:password and query strings (tokens, SAS) from every URL in a tool's output."""
+    return _URL_SECRET.sub(lambda m: m["scheme"] + m["rest"], text)

@@ -5,6 +5,7 @@ empty), exit non-zero and say what happened; the SAS must never be printed."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -30,6 +31,8 @@ from builder.initscript import leaf_directories, render_init_script
 from builder.lock import Excluded, Lock, LockedPackage, read_lock, render_lock
 from builder.manifest import Manifest, blob_key, manifest_to_bytes
 from builder.pack import write_artifact
+from builder.profile import load_profile
+from builder.resolve import sources_digest
 from builder.store import make_read_sas, open_store
 from builder.tools import run_uv
 from tests.helpers import REPO, run_cli, write_profile
@@ -857,6 +860,19 @@ def test_pip_fallback_when_the_store_is_unreachable(
     )
     assert probe.stdout.strip() == "1.0", probe.stderr
 
+    # The pip set is not the verified one: the next start tries the store again, keeps the pip
+    # set while the store is still down, and replaces it once the store answers.
+    again = run_init(script, target, {"GPUBUILD_RETRIES": "1", "GPUBUILD_PYTHON": sys.executable})
+    assert again.returncode == 0, again.stderr
+    assert "trying the verified store again" in again.stderr
+    assert "keeping the set the pip fallback installed" in again.stderr
+    back = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
+    healed = run_init(back, target)
+    assert healed.returncode == 0, healed.stderr
+    assert "from the store" in healed.stderr
+    assert (target / STATE / "installed").read_text().split()[0] == artifacts.a.manifest.digest
+    assert_installed(target, artifacts.a)
+
     # Without the fallback built in, the same outage is a plain failure.
     plain = write_script(tmp_path, artifacts.a.manifest, dead)
     other = tmp_path / "vol2"
@@ -874,7 +890,15 @@ def test_cli_init_script_writes_script_and_snippet(artifacts: Artifacts, tmp_pat
     from ruamel.yaml import YAML
 
     profile = write_profile(tmp_path / "profiles", heavy=["alpha"], name=PROFILE, python="3.11")
-    profile.with_suffix(".lock").write_text(_lock_text(artifacts))
+    # The fixture's lock, adopted by this profile as `gpubuild resolve` would have written it.
+    loaded = load_profile(profile)
+    adopted = dataclasses.replace(
+        read_lock_text(_lock_text(artifacts), tmp_path),
+        sources=sources_digest(loaded),
+        interpreter=loaded.target.interpreter,
+        install_dir=loaded.target.install_dir,
+    )
+    profile.with_suffix(".lock").write_text(render_lock(adopted, INSTALL_DIR))
     lock = read_lock(profile.with_suffix(".lock"))
     store = tmp_path / "store"
     empty = tmp_path / "empty-store"
@@ -931,6 +955,22 @@ def test_cli_init_script_writes_script_and_snippet(artifacts: Artifacts, tmp_pat
     ran = run_init(script, target)
     assert ran.returncode == 0, ran.stderr
     assert tree_state(target) == tree_state(artifacts.a.tree)
+
+    # A profile edited since its lock was written: the script would install the old set.
+    profile.write_text(
+        profile.read_text().replace('install_dir = "/shared-packages"', 'install_dir = "/deps"')
+    )
+    stale = run_cli(
+        "init-script", str(profile), "--store", store.as_uri(), "-o", str(tmp_path / "s.sh")
+    )
+    assert stale.returncode == 2 and "is stale" in stale.stderr
+    assert not (tmp_path / "s.sh").exists()
+
+
+def read_lock_text(text: str, folder: Path) -> Lock:
+    path = folder / "fixture.lock"
+    path.write_text(text)
+    return read_lock(path)
 
 
 # --- the image ----------------------------------------------------------------------------

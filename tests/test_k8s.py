@@ -279,11 +279,18 @@ def test_cli_k8s_patch(tmp_path: Path) -> None:
     from builder.lock import Lock, LockedPackage, render_lock
     from builder.manifest import manifest_key, manifest_to_bytes
 
+    from builder.profile import load_profile
+    from builder.resolve import sources_digest
+
     profile = write_profile(tmp_path / "profiles", heavy=["alpha"], name="onnx-gpu")
+    loaded = load_profile(profile)
     lock = Lock(
         profile="onnx-gpu",
         python="3.10",
         platform="x86_64-manylinux_2_28",
+        interpreter=loaded.target.interpreter,
+        install_dir=loaded.target.install_dir,
+        sources=sources_digest(loaded),
         inputs="test",
         backend="uv",
         packages=(LockedPackage("alpha", "1.0", ("sha256:" + "a" * 64,)),),

@@ -324,3 +324,22 @@ def test_split_artifact_url_rejects_bad_digests() -> None:
     assert split_artifact_url(f"file:///s/p/{'a' * 64}") == ("file:///s", "p", "a" * 64)
     with pytest.raises(BadInputError, match="PROFILE/DIGEST"):
         split_artifact_url("file:///s/p/not-a-digest")
+
+
+def test_repacking_repairs_a_damaged_local_blob(tmp_path: Path, index: str) -> None:
+    """A re-pack writes its shards again instead of trusting a same-sized blob already there."""
+    profile = _profile(tmp_path, "prof-b", ["model-b==2.0"])
+    store = tmp_path / "store"
+    published = _publish(profile, store.as_uri(), index, tmp_path)
+    small = min(published.manifest.shards, key=lambda s: s.bytes)
+    blob = store / blob_key(small.sha256)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="delete"):
+        fetch(f"{store.as_uri()}/prof-b/{published.digest}", tmp_path / "broken")
+    (store / "prof-b" / published.digest / "manifest.json").unlink()
+
+    again = _publish(profile, store.as_uri(), index, tmp_path)
+    assert again.digest == published.digest and not again.already_published
+    assert fetch(f"{store.as_uri()}/prof-b/{published.digest}", tmp_path / "ok").files > 0
