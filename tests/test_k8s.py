@@ -278,7 +278,6 @@ def test_patch_a_group_whose_pod_has_volumes_and_init_containers(tmp_path: Path)
 def test_cli_k8s_patch(tmp_path: Path) -> None:
     from builder.lock import Lock, LockedPackage, render_lock
     from builder.manifest import manifest_key, manifest_to_bytes
-
     from builder.profile import load_profile
     from builder.resolve import sources_digest
 

@@ -47,6 +47,7 @@ def main_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         build_sdist(dists, "sdist-only", "1.0"),
         # A look-alike on the main index: routing must never pick it (dependency confusion).
         build_wheel(dists, "torchlike", "9.9"),
+        build_wheel(dists, "uses-torchlike", "1.0", requires=["torchlike"]),
     ]
     root = tmp_path_factory.mktemp("main-index")
     # A unique path: uv caches by URL, and a later server may reuse this port.
@@ -140,6 +141,16 @@ def test_routed_package_comes_from_its_index_only(
     assert torchlike.version == "2.3.1"
     assert torchlike.index_url == second_index
     assert "numpy" not in _shipped(result)
+
+
+def test_routed_package_pulled_in_by_another_comes_from_its_index(
+    tmp_path: Path, main_index: str, second_index: str
+) -> None:
+    """uv routes direct dependencies only; gpubuild makes a routed dependency direct."""
+    indexes = [{"name": "second", "url": second_index, "packages": ["torchlike"]}]
+    result = _resolve(tmp_path, main_index, heavy=["uses-torchlike==1.0"], indexes=indexes)
+    torchlike = next(p for p in result.lock.packages if p.name == "torchlike")
+    assert (torchlike.version, torchlike.index_url) == ("2.3.1", second_index)
 
 
 def test_index_override_from_command_line(
@@ -329,3 +340,12 @@ def test_torch_profile_against_the_public_index(tmp_path: Path) -> None:
     assert shipped["torch"] == "2.4.1"
     assert shipped["nvidia-cudnn-cu12"] == "9.1.0.70"
     assert shipped["nvidia-cuda-runtime-cu12"].startswith("12.1.")
+
+
+def test_index_credentials_never_reach_the_error(tmp_path: Path) -> None:
+    path = write_profile(tmp_path, heavy=["uses-click==1.0"])
+    closed = "http://user:hunter2secret@127.0.0.1:9/simple?token=tok3nsecret"
+    result = run_cli("resolve", str(path), "--index-url", closed)
+    assert result.returncode == 1, result.stderr
+    assert "127.0.0.1:9" in result.stderr
+    assert "hunter2secret" not in result.stderr and "tok3nsecret" not in result.stderr
