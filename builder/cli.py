@@ -164,7 +164,7 @@ def base_snapshot(image: str, output: Path) -> None:
           -o profiles/bases/ray-2.52.0-py310-cu121.txt
     """
     from builder.base import docker_client, render_snapshot, snapshot_image
-    from builder.resolve import write_atomically
+    from builder.files import write_atomically
 
     interpreter, packages = snapshot_image(docker_client(), image)
     write_atomically(output, render_snapshot(image, interpreter, packages))

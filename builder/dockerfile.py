@@ -25,6 +25,7 @@ from builder.budget import (
     render_budget,
 )
 from builder.errors import BadInputError
+from builder.files import write_atomically
 from builder.light import DEFAULT_MAX_LIGHT_BYTES, LightSet, light_lock_path, prepare_light
 from builder.lock import Lock
 from builder.manifest import Manifest
@@ -34,7 +35,6 @@ from builder.resolve import (
     default_lock_path,
     effective_indexes,
     resolve,
-    write_atomically,
 )
 from builder.tools import redact_url
 

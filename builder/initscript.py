@@ -8,16 +8,15 @@ The template's header comment explains the layout on the volume and the atomic s
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
 from builder.errors import BadInputError, IntegrityError, NotPublishedError
+from builder.files import write_atomically
 from builder.lock import Lock, parse_compiled, read_lock
 from builder.manifest import Manifest, manifest_from_bytes
 from builder.profile import Profile
@@ -289,13 +288,4 @@ def find_published(profile: Profile, store_url: str, lock_path: Path | None = No
 
 def write_script(path: Path, text: str, mode: int = 0o755) -> None:
     """Write the script (executable by default), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text, mode=mode)

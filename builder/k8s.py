@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import BadInputError, GpubuildError
+from builder.files import write_atomically
 from builder.manifest import Manifest
 from builder.yamltext import (
     QUOTED,
@@ -553,18 +553,5 @@ def patch_ray_service(
     new, warnings = patch_text(old, group, snippet, str(path))
     changed = new != old
     if changed and write:
-        _write_atomically(path, new)
+        write_atomically(path, new)
     return PatchResult(path, new, unified_diff(old, new, path.name), changed, warnings)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    mode = path.stat().st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -31,6 +31,7 @@ from builder.errors import (
     PolicyViolationError,
     ToolFailedError,
 )
+from builder.files import write_atomically
 from builder.lock import Lock
 from builder.manifest import (
     Manifest,
@@ -237,7 +238,7 @@ def write_artifact(
     )
     path = out_dir / manifest_key(profile, digest)
     try:
-        _write_atomically(path, manifest_to_bytes(manifest))
+        write_atomically(path, manifest_to_bytes(manifest))
     except OSError as exc:
         raise _disk_error(exc, out_dir, "writing the manifest", 0) from None
     return manifest
@@ -303,20 +304,6 @@ def _mb(count: int) -> str:
 
 def _rate(count: int, seconds: float) -> str:
     return f"{count / 1e6 / max(seconds, 1e-6):.0f} MB/s"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 def _disk_error(exc: OSError, where: Path, doing: str, needed: int) -> GpubuildError:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import sys
 import sysconfig
@@ -30,6 +29,7 @@ from builder.errors import (
     ResolutionError,
     ToolFailedError,
 )
+from builder.files import write_atomically
 from builder.lock import (
     Excluded,
     Lock,
@@ -365,18 +365,6 @@ def _existing_backend(lock_path: Path) -> str:
     except BadInputError:
         return "uv"
     return "pip-tools" if label.startswith("pip-tools") else "uv"
-
-
-def write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
