@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,3 +88,15 @@ def write_profile(
     path = folder / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
+
+
+def docker_context(files: dict[str, bytes]) -> io.BytesIO:
+    """An in-memory build context (a tar) for `images.build(fileobj=..., custom_context=True)`."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    return buffer

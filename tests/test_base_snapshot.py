@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
 from pathlib import Path
 
 import docker
@@ -11,19 +9,8 @@ import pytest
 
 from builder.base import read_snapshot
 from builder.errors import BadInputError
-from tests.helpers import run_cli
+from tests.helpers import docker_context, run_cli
 from tests.support.wheels import build_wheel
-
-
-def _context(files: dict[str, bytes]) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    buffer.seek(0)
-    return buffer
 
 
 @pytest.mark.docker
@@ -38,7 +25,7 @@ def test_snapshot_of_an_image_built_here(
     ).encode()
     tag = "gpubuild-test/snapshot:latest"
     docker_client.images.build(
-        fileobj=_context({"Dockerfile": dockerfile, wheel.name: wheel.read_bytes()}),
+        fileobj=docker_context({"Dockerfile": dockerfile, wheel.name: wheel.read_bytes()}),
         custom_context=True,
         tag=tag,
         network_mode="host",

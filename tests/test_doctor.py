@@ -9,13 +9,11 @@ read-only at /shared-packages; doctor.py mounted beside it and run with the imag
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import docker
@@ -23,7 +21,7 @@ import pytest
 
 from builder import doctor
 from builder.tools import uv_bin
-from tests.helpers import run_cli
+from tests.helpers import docker_context, run_cli
 from tests.support.wheels import build_wheel
 
 LIBS = Path(__file__).parent / "fixtures" / "doctor-libs"
@@ -168,17 +166,6 @@ def test_doctor_on_this_machine_reports_missing_gpu_packages_as_not_present(
     assert "FAIL  shared-dir" in missing.stdout and "does not exist" in missing.stdout
 
 
-def _context(files: dict[str, bytes]) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    buffer.seek(0)
-    return buffer
-
-
 def _run_doctor(
     client: docker.DockerClient, image: str, shared: Path, script: Path, env: dict[str, str]
 ) -> tuple[int, dict]:
@@ -214,7 +201,7 @@ def test_doctor_in_a_container_finds_shadow_and_missing_library_folder(
     ]
     tag = "gpubuild-test/doctor-worker:latest"
     docker_client.images.build(
-        fileobj=_context(
+        fileobj=docker_context(
             {
                 "Dockerfile": (
                     f"FROM {base_image}\nCOPY {image_wheel.name} /tmp/\n"
