@@ -18,7 +18,8 @@ from packaging.utils import canonicalize_name
 from builder.errors import BadInputError
 
 # 2: the target's interpreter and install folder are part of the lock (and of the digest).
-LOCK_FORMAT = 2
+# 3: `sources`, the sha256 of the profile and base snapshot the lock was resolved from.
+LOCK_FORMAT = 3
 ARTIFACT_FORMAT = 1
 _HEADER_KEY = "# gpubuild: "
 _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?==(?P<version>[^\s;\\]+)")
