@@ -349,3 +349,11 @@ def test_index_credentials_never_reach_the_error(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stderr
     assert "127.0.0.1:9" in result.stderr
     assert "hunter2secret" not in result.stderr and "tok3nsecret" not in result.stderr
+
+
+def test_a_lock_of_an_older_format_is_resolved_again(tmp_path: Path, main_index: str) -> None:
+    first = _resolve(tmp_path, main_index, heavy=["uses-click==1.0"])
+    text = first.lock_path.read_text()
+    first.lock_path.write_text(text.replace('"format": 3', '"format": 1'))
+    again = _resolve(tmp_path, main_index, heavy=["uses-click==1.0"])
+    assert again.rewritten and again.lock_path.read_text() == text
