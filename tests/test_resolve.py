@@ -354,6 +354,10 @@ def test_index_credentials_never_reach_the_error(tmp_path: Path) -> None:
 def test_a_lock_of_an_older_format_is_resolved_again(tmp_path: Path, main_index: str) -> None:
     first = _resolve(tmp_path, main_index, heavy=["uses-click==1.0"])
     text = first.lock_path.read_text()
-    first.lock_path.write_text(text.replace('"format": 3', '"format": 1'))
+    from builder.lock import LOCK_FORMAT
+
+    older = text.replace(f'"format": {LOCK_FORMAT}', f'"format": {LOCK_FORMAT - 1}')
+    assert older != text
+    first.lock_path.write_text(older)
     again = _resolve(tmp_path, main_index, heavy=["uses-click==1.0"])
     assert again.rewritten and again.lock_path.read_text() == text
