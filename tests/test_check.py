@@ -23,7 +23,7 @@ from tests.helpers import run_cli
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = FIXTURES / "deploy-repo"
-SAMPLES = FIXTURES / "kuberay-samples"
+SAMPLES = Path(__file__).parent / "data" / "kuberay-samples"  # shared with test_k8s.py
 
 RAY_SERVICE = "draft-deployment/dev/ray-service.yaml"
 HELM_RELEASE = "draft-deployment/dev/your-api-service.yaml"
