@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import hashlib
 import http.server
+import io
 import os
 import random
 import shutil
@@ -15,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import uuid
@@ -25,11 +27,12 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote
 
 import pytest
+import zstandard
 
 from builder.errors import BadInputError
 from builder.initscript import leaf_directories, render_init_script
 from builder.lock import Excluded, Lock, LockedPackage, read_lock, render_lock
-from builder.manifest import Manifest, blob_key, manifest_to_bytes
+from builder.manifest import Manifest, Shard, blob_key, manifest_to_bytes
 from builder.pack import write_artifact
 from builder.profile import load_profile
 from builder.resolve import sources_digest
@@ -472,6 +475,62 @@ def test_without_openssl_sha256sum_checks_the_same_digests(
     )
     assert refused.returncode == 1 and "sha256 mismatch" in refused.stderr
     assert_installed(target, artifacts.a)
+
+
+def _shard_of(members: list[tarfile.TarInfo], store: Path) -> Shard:
+    """A shard made by hand (pack never writes symlinks; an attacker might)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for member in members:
+            data = b"pwned\n" if member.isfile() else None
+            if data is not None:
+                member.size = len(data)
+            tar.addfile(member, io.BytesIO(data) if data is not None else None)
+    compressed = zstandard.ZstdCompressor().compress(raw.getvalue())
+    sha = hashlib.sha256(compressed).hexdigest()
+    (store / "blobs").mkdir(parents=True, exist_ok=True)
+    (store / blob_key(sha)).write_bytes(compressed)
+    return Shard(
+        sha256=sha,
+        bytes=len(compressed),
+        tar_sha256=hashlib.sha256(raw.getvalue()).hexdigest(),
+        raw_bytes=len(raw.getvalue()),
+        files=len(members),
+        packages=("evil",),
+    )
+
+
+def test_a_symlink_in_one_shard_cannot_carry_another_out_of_staging(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    """Shards extract in parallel into one tree: a link from one must not lead another out."""
+    target = tmp_path / "vol"
+    target.mkdir()
+    url = artifacts.store.as_uri()
+    assert run_init(write_script(tmp_path, artifacts.a.manifest, url), target).returncode == 0
+    before = tree_state(target)
+
+    store = tmp_path / "evil-store"
+    links = []
+    for name, to in (("up", "../.."), ("abs", str(target))):
+        link = tarfile.TarInfo(name)
+        link.type, link.linkname = tarfile.SYMTYPE, to
+        links.append(link)
+    through = [tarfile.TarInfo("up/PWNED"), tarfile.TarInfo("abs/PWNED")]
+    shards = (_shard_of(links, store), _shard_of(through, store))
+    evil = dataclasses.replace(artifacts.a.manifest, digest="e" * 64, shards=shards, directories=())
+    # The links come first, then the files through them, one at a time so the order holds.
+    result = run_init(
+        write_script(tmp_path, evil, store.as_uri()), target, {"GPUBUILD_PARALLEL": "1"}
+    )
+    assert not (target / "PWNED").exists() and not (target / STATE / "PWNED").exists()
+    assert not list(tmp_path.glob("**/PWNED")) or all(
+        STATE + "/staging-" in str(p) or "/__/" in str(p) for p in tmp_path.glob("**/PWNED")
+    )
+    if result.returncode == 0:  # the links were defused; what got installed stayed inside
+        assert all(not os.path.isabs(os.readlink(target / n)) for n in ("up", "abs"))
+    else:
+        assert tree_state(target) == before
 
 
 def test_upgrade_replaces_the_set(artifacts: Artifacts, tmp_path: Path) -> None:
