@@ -416,6 +416,19 @@ class Store:
     def manifest_url(self, profile: str, digest: str) -> str:
         return f"{self.base_url}/{quote(manifest_key(profile, digest))}"
 
+    def _size_to_put(self, sha256: str, path: Path) -> int | None:
+        """The file's size when the blob must be written; None when the store has it already.
+
+        A blob present at another size is damaged: refused, never silently overwritten.
+        """
+        size = _file_size(path)
+        present = self.has_blob(sha256)
+        if present == size:
+            return None
+        if present is not None:
+            raise self._wrong_size(sha256, present, size)
+        return size
+
     def _wrong_size(self, sha256: str, found: int, expected: int) -> StoreError:
         return StoreError(
             f"{self.display_url}/{blob_key(sha256)} holds {found} bytes, not {expected}: the copy "
@@ -486,12 +499,9 @@ class FileStore(Store):
     def put_blob(
         self, sha256: str, path: Path, on_progress: ProgressCallback | None = None
     ) -> bool:
-        size = _file_size(path)
-        present = self.has_blob(sha256)
-        if present == size:
+        size = self._size_to_put(sha256, path)
+        if size is None:
             return False
-        if present is not None:
-            raise self._wrong_size(sha256, present, size)
         target = self._blob_path(sha256)
         digest = hashlib.sha256()
 
@@ -767,12 +777,9 @@ class AzureStore(Store):
     ) -> bool:
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
-        size = _file_size(path)
-        present = self.has_blob(sha256)
-        if present == size:
+        size = self._size_to_put(sha256, path)
+        if size is None:
             return False
-        if present is not None:
-            raise self._wrong_size(sha256, present, size)
         # The parallel block upload reads the file out of order, so hash it first: a local
         # blob damaged after packing must never reach the store every pod reads.
         digest = hashlib.sha256()
