@@ -54,6 +54,15 @@ def drop_caches() -> None:
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
+def pip_target_args(python: str) -> list[str]:
+    """pip's options for the worker's wheels (binary only, its python, manylinux x86_64)."""
+    platforms = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+    args = ["--only-binary=:all:", "--python-version", python]
+    for platform in [*platforms, "manylinux1_x86_64"]:
+        args += ["--platform", platform]
+    return args
+
+
 def download_wheels(lock_path: Path, python: str, dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PIP_CONFIG_FILE": os.devnull}
@@ -66,17 +75,7 @@ def download_wheels(lock_path: Path, python: str, dest: Path) -> list[Path]:
             "--quiet",
             "--no-deps",
             "--require-hashes",
-            "--only-binary=:all:",
-            "--python-version",
-            python,
-            "--platform",
-            "manylinux_2_28_x86_64",
-            "--platform",
-            "manylinux_2_17_x86_64",
-            "--platform",
-            "manylinux2014_x86_64",
-            "--platform",
-            "manylinux1_x86_64",
+            *pip_target_args(python),
             "-d",
             str(dest),
             "-r",
@@ -160,17 +159,7 @@ def main() -> None:
                     "--no-deps",
                     "--require-hashes",
                     "--no-cache-dir",
-                    "--only-binary=:all:",
-                    "--python-version",
-                    lock.python,
-                    "--platform",
-                    "manylinux_2_28_x86_64",
-                    "--platform",
-                    "manylinux_2_17_x86_64",
-                    "--platform",
-                    "manylinux2014_x86_64",
-                    "--platform",
-                    "manylinux1_x86_64",
+                    *pip_target_args(lock.python),
                     "--index-url",
                     index_url,
                     "--target",
