@@ -14,13 +14,18 @@ Checks, each a PASS / FAIL / SKIP line (exit 1 when any fails):
   libraries   shared libraries (.so) in the shared folder whose DT_NEEDED entries do not resolve
               the way ld.so would look for them (the file's RPATH/RUNPATH, LD_LIBRARY_PATH, the
               ldconfig cache, the default folders), grouped by library, with the shared folder
-              that holds it (the LD_LIBRARY_PATH entry that fixes it);
+              that holds it (the LD_LIBRARY_PATH entry that fixes it); one needed only by an
+              optional onnxruntime execution provider (TensorRT, OpenVINO, ...: every
+              libonnxruntime_providers_*.so but the CUDA one and the shared bridge) is a note;
   torch       when importable: torch.cuda.is_available();
   onnxruntime when importable: CUDAExecutionProvider offered, its library loads (dlopen), and a
               session on a tiny built-in model really runs on it (onnxruntime falls back to CPU
               without an error otherwise).
 torch and onnxruntime are probed in child processes: a broken CUDA install can crash the
-interpreter that imports it, and the doctor must still report.
+interpreter that imports it, and the doctor must still report. The child prints one line per step
+as it goes, so a child killed by a signal is reported with the step it was in ("imports, but
+loading libonnxruntime_providers_cuda.so crashed the probe (SIGSEGV)"), apart from an import that
+fails (the exception's text).
 
 Not modelled in `libraries`: a library satisfied only because its loader's DT_RPATH is inherited
 or because another library with that soname was loaded first (torch preloads its CUDA
@@ -37,6 +42,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import site
 import struct
 import subprocess
@@ -59,6 +65,23 @@ _DRIVER_LIBRARY = re.compile(r"^(libcuda\.so|libnvidia-|libnvcuvid\.so|libcudade
 _SHARED_OBJECT = re.compile(r"\.so(\.\d+)*$")
 _STATE_DIR = ".gpubuild"  # the init script's bookkeeping (installed digest, lock, staging)
 _PROBE_TIMEOUT = 300
+# onnxruntime's execution provider libraries. The CUDA one is what this doctor judges, and the
+# shared one is the bridge it loads through; every other (TensorRT, OpenVINO, ...) is loaded only
+# by a session that asks for that provider, and onnxruntime-gpu ships the TensorRT one without
+# TensorRT itself: what those need but cannot find is a note, not a failure.
+_ORT_PROVIDER = re.compile(r"^libonnxruntime_providers_(\w+?)\.so(\.\d+)*$")
+_ORT_REQUIRED_PROVIDERS = frozenset({"cuda", "shared"})
+_ORT_PROVIDER_NAMES = {
+    "tensorrt": "TensorRT",
+    "nv_tensorrt_rtx": "TensorRT RTX",
+    "openvino": "OpenVINO",
+    "migraphx": "MIGraphX",
+    "rocm": "ROCm",
+    "dnnl": "oneDNN",
+    "vitisai": "Vitis AI",
+    "qnn": "QNN",
+    "cann": "CANN",
+}
 
 
 @dataclass
@@ -283,6 +306,24 @@ def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def describe_installed(marker: str) -> str:
+    """The init script's `installed` marker, "<digest> <source>", in words.
+
+    The source is "store" (every blob verified against the manifest) or "pip" (the fallback,
+    which verifies nothing against the manifest); a marker without one was written before the
+    fallback existed, and the init script reads it as "store" too.
+    """
+    words = marker.split()
+    if not words:
+        return f"{_STATE_DIR}/installed is empty"
+    digest, source = words[0], (words[1] if len(words) > 1 else "store")
+    if source == "store":
+        return f"{digest} (from the verified store)"
+    if source == "pip":
+        return f"{digest} (by the pip fallback: not verified)"
+    return f"{digest} (from {source!r}, a source this doctor does not know)"
+
+
 def check_shared_dir(shared: str) -> Check:
     if not os.path.isdir(shared):
         return Check(
@@ -302,7 +343,7 @@ def check_shared_dir(shared: str) -> Check:
         )
     try:
         with open(os.path.join(state, "installed"), encoding="utf-8") as handle:
-            details.append(f"installed by gpubuild: {handle.read().strip()}")
+            details.append(f"installed by gpubuild: {describe_installed(handle.read())}")
     except OSError:
         pass
     entries = [e for e in os.listdir(shared) if e != _STATE_DIR]
@@ -429,6 +470,14 @@ def shared_objects(shared: str) -> tuple[list[str], dict[str, list[str]]]:
     return objects, names
 
 
+def optional_provider(path: str) -> str | None:
+    """The execution provider's name when `path` is an optional onnxruntime provider library."""
+    match = _ORT_PROVIDER.match(os.path.basename(path))
+    if match is None or match.group(1) in _ORT_REQUIRED_PROVIDERS:
+        return None
+    return _ORT_PROVIDER_NAMES.get(match.group(1), match.group(1))
+
+
 def check_libraries(shared: str, search: LibrarySearch) -> Check:
     objects, names = shared_objects(shared)
     missing: dict[str, list[str]] = {}
@@ -442,18 +491,26 @@ def check_libraries(shared: str, search: LibrarySearch) -> Check:
             if search.find(needed, path, info) is None:
                 missing.setdefault(needed, []).append(os.path.relpath(path, shared))
     library_path = ":".join(search.library_path) or "(not set)"
-    if not missing:
-        return Check(
-            "libraries",
-            PASS,
-            f"every library that {scanned} shared object(s) in {shared} need resolves "
-            f"(LD_LIBRARY_PATH={library_path})",
-        )
-    details, fix = [], []
+    failures, notes, fix = [], [], []
     for library in sorted(missing):
         users = missing[library]
         shown = ", ".join(users[:3]) + (f" and {len(users) - 3} more" if len(users) > 3 else "")
         folders = sorted(set(names.get(library, [])))
+        providers = [optional_provider(user) for user in users]
+        if all(providers):
+            # Only optional providers need it: a session that does not ask for them never
+            # loads them, so this is what a correct onnxruntime-gpu install looks like.
+            named = ", ".join(sorted({str(p) for p in providers}))
+            where = (
+                f"add {':'.join(folders)} to LD_LIBRARY_PATH to use it"
+                if folders
+                else f"not in {shared}; install it to use that provider"
+            )
+            notes.append(
+                f"note: {library} (needed by {shown}): optional: only onnxruntime's {named} "
+                f"execution provider needs it, not the CUDA one; {where}"
+            )
+            continue
         if folders:
             fix += folders
             where = f"add {':'.join(folders)} to LD_LIBRARY_PATH"
@@ -464,13 +521,27 @@ def check_libraries(shared: str, search: LibrarySearch) -> Check:
             )
         else:
             where = f"not in {shared}: the image must provide it"
-        details.append(f"{library} (needed by {shown}): {where}")
-    count = f"{len(missing)} librar{'y does' if len(missing) == 1 else 'ies do'}"
+        failures.append(f"{library} (needed by {shown}): {where}")
+    if not failures:
+        but = (
+            f", except {len(notes)} needed only by optional onnxruntime execution providers "
+            "(noted below, not a failure)"
+            if notes
+            else ""
+        )
+        return Check(
+            "libraries",
+            PASS,
+            f"every library that {scanned} shared object(s) in {shared} need resolves "
+            f"(LD_LIBRARY_PATH={library_path}){but}",
+            notes,
+        )
+    count = f"{len(failures)} librar{'y does' if len(failures) == 1 else 'ies do'}"
     message = f"{count} not resolve with LD_LIBRARY_PATH={library_path}"
     if fix:
         wanted = ":".join(dict.fromkeys([*search.library_path, *sorted(set(fix))]))
         message += f"; LD_LIBRARY_PATH={wanted} would find those in {shared}"
-    return Check("libraries", FAIL, message, details)
+    return Check("libraries", FAIL, message, failures + notes)
 
 
 # --- torch and onnxruntime, each in a child interpreter ----------------------------------------
@@ -517,92 +588,243 @@ def tiny_onnx_model() -> bytes:
     return _field(1, 8) + _field(7, graph) + _field(8, opset)
 
 
-_TORCH_PROBE = """
-import json, sys
-try:
-    import torch
-except ModuleNotFoundError as exc:
-    if exc.name == "torch":
-        print(json.dumps({"present": False}))
+# The probes' protocol: the child writes one line per step, each `_PROBE_MARK` + a JSON object,
+# and flushes it before the step's work starts. {"doing": "..."} names the step now running;
+# other keys are facts learned; {"done": true} is the last line of a probe that got to its end.
+# A library that kills the child with a signal (a CUDA library on a node without a GPU can)
+# leaves the parent every line written before, so it knows what crashed. The marker sets the
+# lines apart from anything an imported library prints on stdout.
+_PROBE_MARK = "@gpubuild-doctor-probe "
+
+_PROBE_PRELUDE = """
+import json, sys, traceback
+
+def report(**facts):
+    sys.stdout.write(@MARK@ + json.dumps(facts) + "\\n")
+    sys.stdout.flush()
+
+def failure(exc):
+    text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename != "<string>"]
+    where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
+    return {"text": text[-600:], "where": where}
+
+def import_module(name):
+    report(doing="import " + name)
+    try:
+        return __import__(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            report(present=False, done=True)
+            sys.exit(0)
+        report(import_error=failure(exc), done=True)
+    except Exception as exc:
+        report(import_error=failure(exc), done=True)
+    sys.exit(0)
+
+def import_package(name):
+    module = import_module(name)
+    if getattr(module, "__file__", None) is None:
+        report(namespace=[str(p) for p in getattr(module, "__path__", [])], done=True)
         sys.exit(0)
-    raise
-available = bool(torch.cuda.is_available())
-print(json.dumps({"present": True, "version": torch.__version__, "file": torch.__file__,
-                  "cuda": torch.version.cuda, "available": available,
-                  "devices": torch.cuda.device_count() if available else 0}))
+    report(present=True, version=str(getattr(module, "__version__", "?")), file=module.__file__)
+    return module
+""".replace("@MARK@", repr(_PROBE_MARK))
+
+_TORCH_PROBE = """
+torch = import_package("torch")
+try:
+    report(doing="reading torch.version.cuda")
+    report(cuda=torch.version.cuda)
+    report(doing="torch.cuda.is_available()")
+    available = bool(torch.cuda.is_available())
+    report(available=available, devices=0)
+    if available:
+        report(doing="torch.cuda.device_count()")
+        report(devices=int(torch.cuda.device_count()))
+except Exception as exc:
+    report(error=failure(exc))
+report(done=True)
 """
 
 _ONNXRUNTIME_PROBE = """
-import ctypes, json, os, sys
+import ctypes, os
+ort = import_package("onnxruntime")
 try:
-    import onnxruntime as ort
-except ModuleNotFoundError as exc:
-    if exc.name == "onnxruntime":
-        print(json.dumps({"present": False}))
-        sys.exit(0)
-    raise
-out = {"present": True, "version": ort.__version__, "file": ort.__file__,
-       "providers": list(ort.get_available_providers())}
-capi = os.path.join(os.path.dirname(ort.__file__), "capi")
-library = os.path.join(capi, "libonnxruntime_providers_cuda.so")
-if "CUDAExecutionProvider" in out["providers"]:
-    try:
-        shared = os.path.join(capi, "libonnxruntime_providers_shared.so")
-        if os.path.exists(shared):
-            ctypes.CDLL(shared, mode=ctypes.RTLD_GLOBAL)
-        ctypes.CDLL(library)
-        out["dlopen"] = None
-    except OSError as exc:
-        out["dlopen"] = str(exc)
-    if out["dlopen"] is None:
+    report(doing="listing its execution providers")
+    providers = [str(p) for p in ort.get_available_providers()]
+    report(providers=providers)
+    capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+    if "CUDAExecutionProvider" in providers:
         try:
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
-            session = ort.InferenceSession(bytes.fromhex(sys.argv[1]), options,
-                                           providers=["CUDAExecutionProvider"])
-            out["session"] = list(session.get_providers())
-        except Exception as exc:
-            out["session_error"] = str(exc)[:600]
-print(json.dumps(out))
+            # The CUDA provider resolves its symbols through the shared bridge: load it first.
+            for name, mode in (("libonnxruntime_providers_shared.so", ctypes.RTLD_GLOBAL),
+                               ("libonnxruntime_providers_cuda.so", ctypes.DEFAULT_MODE)):
+                library = os.path.join(capi, name)
+                if name.endswith("_shared.so") and not os.path.exists(library):
+                    continue
+                report(doing="loading " + name, library=library)
+                ctypes.CDLL(library, mode=mode)
+            report(dlopen=None)
+        except OSError as exc:
+            report(dlopen=str(exc))
+        else:
+            report(doing="running a session on CUDAExecutionProvider")
+            try:
+                options = ort.SessionOptions()
+                options.log_severity_level = 3
+                session = ort.InferenceSession(bytes.fromhex(sys.argv[1]), options,
+                                               providers=["CUDAExecutionProvider"])
+                report(session=[str(p) for p in session.get_providers()])
+            except Exception as exc:
+                report(session_error=str(exc)[:600])
+except Exception as exc:
+    report(error=failure(exc))
+report(done=True)
 """
 
 
-def _probe(code: str, *args: str) -> tuple[dict[str, object] | None, str]:
-    """Run `code` in a child interpreter; (its JSON line, or None, and stderr's tail)."""
+@dataclass
+class ProbeRun:
+    """What a probe child reported (its facts merged, later lines winning) and how it ended."""
+
+    facts: dict[str, object]
+    finished: bool  # it wrote {"done": true}
+    ended: str | None  # how it ended, when not by a plain exit 0: "crashed the probe (SIGSEGV)"
+    stderr: str
+    signal: str | None = None  # the signal that killed it: "SIGSEGV"
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _text(stream: str | bytes | None) -> str:
+    # TimeoutExpired carries bytes even from a text-mode run.
+    if isinstance(stream, bytes):
+        return stream.decode("utf-8", "replace")
+    return stream or ""
+
+
+def _probe(code: str, *args: str) -> ProbeRun:
+    """Run `code` (after the prelude) in a child interpreter and read what it reported."""
+    ended: str | None = None
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", code, *args],
+            [sys.executable, "-c", _PROBE_PRELUDE + code, *args],
             capture_output=True,
             text=True,
             timeout=_PROBE_TIMEOUT,
             check=False,
         )
-    except subprocess.TimeoutExpired:
-        return None, f"no answer within {_PROBE_TIMEOUT} s"
+        stdout, stderr, returncode = proc.stdout, proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as exc:
+        stdout, stderr, returncode = _text(exc.stdout), _text(exc.stderr), 0
+        ended = f"gave no answer within {_PROBE_TIMEOUT} s"
     except OSError as exc:
-        return None, str(exc)
-    tail = (proc.stderr or "").strip()[-800:]
-    lines = (proc.stdout or "").strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        return None, tail or f"exit status {proc.returncode}"
-    try:
-        return json.loads(lines[-1]), tail
-    except ValueError:
-        return None, tail or lines[-1][-300:]
+        return ProbeRun({}, False, f"could not start the probe ({exc})", "")
+    killed_by = _signal_name(-returncode) if returncode < 0 else None
+    if killed_by is not None:
+        ended = f"crashed the probe ({killed_by})"
+    elif returncode > 0:
+        ended = f"ended the probe with exit status {returncode}"
+    facts: dict[str, object] = {}
+    for line in stdout.splitlines():
+        # find, not startswith: a library's own unterminated output may precede the marker.
+        at = line.find(_PROBE_MARK)
+        if at < 0:
+            continue
+        try:
+            fields = json.loads(line[at + len(_PROBE_MARK) :])
+        except ValueError:
+            continue  # a line cut short by the crash
+        if isinstance(fields, dict):
+            facts.update(fields)
+    return ProbeRun(facts, bool(facts.get("done")), ended, _text(stderr).strip()[-800:], killed_by)
+
+
+def _probe_failure(module: str, run: ProbeRun) -> Check | None:
+    """The FAIL for a probe that did not get to its end, or whose import failed; else None.
+
+    Three different faults, three different messages: the import raised (its exception's text),
+    the child died by a signal or exited (the step it was in: the last "doing" it wrote), or an
+    exception after the import (its text).
+    """
+    facts = run.facts
+    details = run.stderr.splitlines()[-5:]
+    if run.signal is not None:
+        # No Python exception exists to show: name the likely culprit instead.
+        details.append(
+            f"{run.signal} killed the child interpreter: a native library crashed it (CUDA "
+            "libraries can when no GPU is visible or the driver is older than their CUDA)"
+        )
+    error = facts.get("import_error")
+    if isinstance(error, dict):
+        where = [f"raised at {error['where']}"] if error.get("where") else []
+        return Check(module, FAIL, f"import {module} fails: {error['text']}", where)
+    if isinstance(facts.get("namespace"), list):
+        folders = ", ".join(str(f) for f in facts["namespace"])  # type: ignore[union-attr]
+        return Check(
+            module,
+            FAIL,
+            f"import {module} finds only a folder without __init__.py ({folders}): what a "
+            f"removed or half-copied {module} leaves behind, imported as a namespace package",
+        )
+    if not facts.get("present"):
+        if run.finished:
+            return None  # not present: the caller's SKIP
+        return Check(module, FAIL, f"import {module} {run.ended or 'did not report'}", details)
+    imported = f"{module} {facts.get('version')} imports, but"
+    doing = str(facts.get("doing") or "the probe")
+    if not run.finished:
+        return Check(
+            module,
+            FAIL,
+            f"{imported} {doing} {run.ended or 'did not report'}",
+            [f"imported from {facts.get('file')}", *details],
+        )
+    error = facts.get("error")
+    if isinstance(error, dict):
+        return Check(
+            module,
+            FAIL,
+            f"{imported} {doing} fails: {error['text']}",
+            [f"imported from {facts.get('file')}"]
+            + ([f"raised at {error['where']}"] if error.get("where") else []),
+        )
+    return None
+
+
+def _after_exit(run: ProbeRun) -> list[str]:
+    """A detail for a child that finished its report and still ended badly (a crash at exit)."""
+    return [f"after reporting, the probe's interpreter {run.ended}"] if run.ended else []
 
 
 def check_torch() -> Check:
-    result, error = _probe(_TORCH_PROBE)
-    if result is None:
-        return Check("torch", FAIL, "import torch fails", error.splitlines()[-5:])
-    if not result["present"]:
+    run = _probe(_TORCH_PROBE)
+    failed = _probe_failure("torch", run)
+    if failed is not None:
+        return failed
+    result = run.facts
+    if not result.get("present"):
         return Check("torch", SKIP, "not present")
     label = f"torch {result['version']} ({result['file']})"
     if result["available"]:
-        return Check("torch", PASS, f"{label}: CUDA available, {result['devices']} device(s)")
+        return Check(
+            "torch",
+            PASS,
+            f"{label}: CUDA available, {result['devices']} device(s)",
+            _after_exit(run),
+        )
     if not result["cuda"]:
         return Check(
-            "torch", FAIL, f"{label} is a CPU-only build: torch.cuda.is_available() is False"
+            "torch",
+            FAIL,
+            f"{label} is a CPU-only build: torch.cuda.is_available() is False",
+            _after_exit(run),
         )
     return Check(
         "torch",
@@ -610,16 +832,20 @@ def check_torch() -> Check:
         f"{label}, built for CUDA {result['cuda']}: torch.cuda.is_available() is False: no GPU "
         "visible (nvidia.com/gpu limit, NVIDIA_VISIBLE_DEVICES) or the driver is older than "
         "that CUDA",
+        _after_exit(run),
     )
 
 
 def check_onnxruntime() -> Check:
-    result, error = _probe(_ONNXRUNTIME_PROBE, tiny_onnx_model().hex())
-    if result is None:
-        return Check("onnxruntime", FAIL, "import onnxruntime fails", error.splitlines()[-5:])
-    if not result["present"]:
+    run = _probe(_ONNXRUNTIME_PROBE, tiny_onnx_model().hex())
+    failed = _probe_failure("onnxruntime", run)
+    if failed is not None:
+        return failed
+    result = run.facts
+    if not result.get("present"):
         return Check("onnxruntime", SKIP, "not present")
     label = f"onnxruntime {result['version']} ({result['file']})"
+    after = _after_exit(run)
     providers = [str(p) for p in result["providers"]]  # type: ignore[attr-defined]
     if "CUDAExecutionProvider" not in providers:
         return Check(
@@ -627,6 +853,7 @@ def check_onnxruntime() -> Check:
             FAIL,
             f"{label} offers no CUDAExecutionProvider (only {', '.join(providers)}): the "
             "CPU-only onnxruntime package is installed, or shadows onnxruntime-gpu",
+            after,
         )
     if result.get("dlopen"):
         return Check(
@@ -634,14 +861,14 @@ def check_onnxruntime() -> Check:
             FAIL,
             f"{label}: libonnxruntime_providers_cuda.so does not load, so sessions silently run "
             "on CPU; the `libraries` check names the folder LD_LIBRARY_PATH lacks",
-            [str(result["dlopen"])],
+            [str(result["dlopen"]), *after],
         )
     if result.get("session_error"):
         return Check(
             "onnxruntime",
             FAIL,
             f"{label}: a session with CUDAExecutionProvider fails",
-            [str(result["session_error"])],
+            [str(result["session_error"]), *after],
         )
     session = result.get("session") or []
     if "CUDAExecutionProvider" not in session:  # type: ignore[operator]
@@ -650,8 +877,9 @@ def check_onnxruntime() -> Check:
             FAIL,
             f"{label}: a session asked for CUDAExecutionProvider got {session} (the silent CPU "
             "fallback: cuDNN/CUDA libraries or the GPU are missing)",
+            after,
         )
-    return Check("onnxruntime", PASS, f"{label}: a session runs on CUDAExecutionProvider")
+    return Check("onnxruntime", PASS, f"{label}: a session runs on CUDAExecutionProvider", after)
 
 
 # --- running ----------------------------------------------------------------------------------

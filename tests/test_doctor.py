@@ -302,3 +302,289 @@ def test_onnxruntime_without_cuda_is_a_clear_fail_and_the_tiny_model_is_valid(
     assert checks["onnxruntime"]["status"] == "fail"
     assert "offers no CUDAExecutionProvider" in checks["onnxruntime"]["message"]
     assert proc.returncode == 1
+
+
+# --- the torch and onnxruntime probes, against fake packages that crash or fail as real ones do --
+
+ORT_VERSION = "1.19.2"
+TORCH_VERSION = "2.4.0"
+# Sonames that no machine provides: the fake provider libraries NEED them, and the stubs they
+# were linked against are deleted, so they never resolve (as libnvinfer.so.10 does not beside
+# onnxruntime-gpu, which does not ship TensorRT).
+MISSING_TRT_DEP = "libnvinfer-doctor-fixture.so.10"
+MISSING_CUDA_DEP = "libcublasLt-doctor-fixture.so.12"
+
+# A stand-in for onnxruntime-gpu: what the probe uses (version, providers, a session) and
+# nothing else; the provider libraries are the files in onnxruntime/capi/.
+FAKE_ORT = f'''
+__version__ = "{ORT_VERSION}"
+
+
+def get_available_providers():
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class SessionOptions:
+    log_severity_level = 2
+
+
+class InferenceSession:
+    def __init__(self, model, options=None, providers=None):
+        self._providers = [*(providers or []), "CPUExecutionProvider"]
+
+    def get_providers(self):
+        return self._providers
+'''
+FAKE_IMPORT_ERROR = (
+    'raise ImportError("libcudnn.so.9: cannot open shared object file: No such file or '
+    'directory")\n'
+)
+# A torch whose torch.cuda.is_available() loads the crashing library, as a CUDA build does
+# when it initialises the driver.
+FAKE_TORCH = f'''
+import ctypes
+import os
+
+__version__ = "{TORCH_VERSION}"
+
+
+class version:
+    cuda = "12.1"
+
+
+class cuda:
+    @staticmethod
+    def is_available():
+        ctypes.CDLL(os.path.join(os.path.dirname(__file__), "libsegv.so"))
+        return True
+
+    @staticmethod
+    def device_count():
+        return 1
+'''
+
+
+@pytest.fixture(scope="module")
+def provider_libs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """libsegv.so (its constructor raises SIGSEGV), libplain.so (loads fine), and provider
+    libraries whose DT_NEEDED names a library that no longer exists anywhere."""
+    out = tmp_path_factory.mktemp("provider-libs")
+    _gcc("-o", str(out / "libsegv.so"), str(LIBS / "segv.c"))
+    _gcc("-o", str(out / "libplain.so"), str(LIBS / "provided.c"))
+    stubs = out / "stubs"
+    stubs.mkdir()
+    for soname, provider in (
+        (MISSING_TRT_DEP, "libonnxruntime_providers_tensorrt.so"),
+        (MISSING_CUDA_DEP, "libcuda-provider-missing-dep.so"),
+    ):
+        _gcc(f"-Wl,-soname,{soname}", "-o", str(stubs / soname), str(LIBS / "provided.c"))
+        _gcc("-o", str(out / provider), str(LIBS / "need.c"), f"-L{stubs}", f"-l:{soname}")
+    shutil.rmtree(stubs)  # gone: what NEEDS them cannot resolve them
+    return out
+
+
+def _fake_package(shared: Path, name: str, init: str, files: dict[str, Path] | None = None) -> None:
+    """shared/<name>/__init__.py with `init`, and `files` (relative path -> source) copied in."""
+    package = shared / name
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text(init)
+    for relative, source in (files or {}).items():
+        (package / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, package / relative)
+
+
+def _doctor_json(shared: Path, cwd: Path) -> tuple[int, dict[str, dict]]:
+    """`python doctor.py --json --shared SHARED` with SHARED first on PYTHONPATH, as in a pod."""
+    env = {**os.environ, "PYTHONPATH": str(shared)}
+    env.pop("LD_LIBRARY_PATH", None)
+    proc = subprocess.run(
+        [sys.executable, str(DOCTOR), "--json", "--shared", str(shared)],
+        capture_output=True, text=True, env=env, cwd=cwd, check=False, timeout=600,
+    )  # fmt: skip
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] is (proc.returncode == 0)
+    return proc.returncode, {c["name"]: c for c in report["checks"]}
+
+
+def test_onnxruntime_probe_tells_a_crash_from_an_import_failure(
+    provider_libs: Path, tmp_path: Path
+) -> None:
+    crashing = tmp_path / "crashing"
+    _fake_package(
+        crashing,
+        "onnxruntime",
+        FAKE_ORT,
+        {"capi/libonnxruntime_providers_cuda.so": provider_libs / "libsegv.so"},
+    )
+    status, checks = _doctor_json(crashing, tmp_path)
+    assert status == 1
+    assert {name: c["status"] for name, c in checks.items()} == {
+        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "libraries": "pass",
+        "torch": "skip", "onnxruntime": "fail",
+    }  # fmt: skip
+    assert checks["onnxruntime"]["message"] == (
+        f"onnxruntime {ORT_VERSION} imports, but loading libonnxruntime_providers_cuda.so "
+        "crashed the probe (SIGSEGV)"
+    )
+
+    # A crash in the import itself is still a crash, not an ImportError.
+    crashing_import = tmp_path / "crashing-import"
+    _fake_package(
+        crashing_import,
+        "onnxruntime",
+        "import ctypes, os\nctypes.CDLL(os.path.join(os.path.dirname(__file__), 'libsegv.so'))\n",
+        {"libsegv.so": provider_libs / "libsegv.so"},
+    )
+    status, checks = _doctor_json(crashing_import, tmp_path)
+    assert status == 1
+    assert checks["onnxruntime"]["status"] == "fail"
+    assert checks["onnxruntime"]["message"] == "import onnxruntime crashed the probe (SIGSEGV)"
+
+    failing = tmp_path / "failing"
+    _fake_package(failing, "onnxruntime", FAKE_IMPORT_ERROR)
+    status, checks = _doctor_json(failing, tmp_path)
+    assert status == 1
+    assert checks["onnxruntime"]["status"] == "fail"
+    assert checks["onnxruntime"]["message"] == (
+        "import onnxruntime fails: ImportError: libcudnn.so.9: cannot open shared object file: "
+        "No such file or directory"
+    )
+    assert "crashed" not in json.dumps(checks["onnxruntime"])
+
+
+def test_torch_probe_tells_a_crash_from_an_import_failure(
+    provider_libs: Path, tmp_path: Path
+) -> None:
+    crashing = tmp_path / "crashing"
+    _fake_package(crashing, "torch", FAKE_TORCH, {"libsegv.so": provider_libs / "libsegv.so"})
+    status, checks = _doctor_json(crashing, tmp_path)
+    assert status == 1
+    assert {name: c["status"] for name, c in checks.items()} == {
+        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "libraries": "pass",
+        "torch": "fail", "onnxruntime": "skip",
+    }  # fmt: skip
+    assert checks["torch"]["message"] == (
+        f"torch {TORCH_VERSION} imports, but torch.cuda.is_available() crashed the probe (SIGSEGV)"
+    )
+
+    failing = tmp_path / "failing"
+    _fake_package(failing, "torch", FAKE_IMPORT_ERROR)
+    status, checks = _doctor_json(failing, tmp_path)
+    assert status == 1
+    assert checks["torch"]["status"] == "fail"
+    assert checks["torch"]["message"] == (
+        "import torch fails: ImportError: libcudnn.so.9: cannot open shared object file: "
+        "No such file or directory"
+    )
+    assert "crashed" not in json.dumps(checks["torch"])
+
+
+def test_optional_tensorrt_provider_without_tensorrt_is_a_note_not_a_fail(
+    provider_libs: Path, tmp_path: Path
+) -> None:
+    """onnxruntime-gpu ships libonnxruntime_providers_tensorrt.so but not TensorRT: a correct
+    install passes; a missing dependency of the CUDA provider still fails."""
+    shared = tmp_path / "shared"
+    capi = "capi/libonnxruntime_providers_"
+    _fake_package(
+        shared,
+        "onnxruntime",
+        FAKE_ORT,
+        {
+            f"{capi}cuda.so": provider_libs / "libplain.so",
+            f"{capi}shared.so": provider_libs / "libplain.so",
+            f"{capi}tensorrt.so": provider_libs / "libonnxruntime_providers_tensorrt.so",
+        },
+    )
+    (shared / ".gpubuild").mkdir()
+    (shared / ".gpubuild" / "installed").write_text("0123abcd store\n")
+    status, checks = _doctor_json(shared, tmp_path)
+    assert {name: c["status"] for name, c in checks.items()} == {
+        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "libraries": "pass",
+        "torch": "skip", "onnxruntime": "pass",
+    }  # fmt: skip
+    assert status == 0
+    assert checks["shared-dir"]["details"] == [
+        "installed by gpubuild: 0123abcd (from the verified store)"
+    ]
+    [note] = checks["libraries"]["details"]
+    assert note.startswith(
+        f"note: {MISSING_TRT_DEP} (needed by onnxruntime/{capi}tensorrt.so): optional"
+    )
+    assert "TensorRT" in note
+
+    shutil.copy(
+        provider_libs / "libcuda-provider-missing-dep.so", shared / "onnxruntime" / f"{capi}cuda.so"
+    )
+    status, checks = _doctor_json(shared, tmp_path)
+    assert status == 1
+    assert checks["libraries"]["status"] == "fail"
+    assert checks["libraries"]["message"].startswith("1 library does not resolve")
+    assert checks["libraries"]["details"][0] == (
+        f"{MISSING_CUDA_DEP} (needed by onnxruntime/{capi}cuda.so): "
+        f"not in {shared}: the image must provide it"
+    )
+    assert checks["libraries"]["details"][1] == note
+    assert checks["onnxruntime"]["status"] == "fail"
+    assert "does not load" in checks["onnxruntime"]["message"]
+
+    # A library that the CUDA provider needs too is not optional, whoever else needs it.
+    shutil.copy(
+        provider_libs / "libonnxruntime_providers_tensorrt.so",
+        shared / "onnxruntime" / f"{capi}cuda.so",
+    )
+    both = doctor.check_libraries(str(shared), doctor.LibrarySearch.from_environment({}))
+    assert both.status == doctor.FAIL
+    assert both.details == [
+        f"{MISSING_TRT_DEP} (needed by onnxruntime/{capi}cuda.so, onnxruntime/{capi}tensorrt.so): "
+        f"not in {shared}: the image must provide it"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("marker", "shown"),
+    [
+        ("0123abcd store\n", "0123abcd (from the verified store)"),
+        ("0123abcd pip\n", "0123abcd (by the pip fallback: not verified)"),
+        ("0123abcd\n", "0123abcd (from the verified store)"),  # the init script's default
+    ],
+)
+def test_installed_marker_says_where_the_set_came_from(
+    tmp_path: Path, marker: str, shown: str
+) -> None:
+    (tmp_path / ".gpubuild").mkdir()
+    (tmp_path / ".gpubuild" / "installed").write_text(marker)
+    (tmp_path / "somepackage").mkdir()
+    check = doctor.check_shared_dir(str(tmp_path))
+    assert check.status == doctor.PASS
+    assert check.details == [f"installed by gpubuild: {shown}"]
+
+
+def test_a_probe_that_hangs_or_finds_a_leftover_folder_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The step a hung probe was in is named; a folder without __init__.py is not "imports"."""
+    hanging = tmp_path / "hanging"
+    _fake_package(
+        hanging,
+        "onnxruntime",
+        FAKE_ORT + "\n\ndef get_available_providers():\n    import time\n    time.sleep(120)\n",
+    )
+    monkeypatch.setenv("PYTHONPATH", str(hanging))
+    monkeypatch.setattr(doctor, "_PROBE_TIMEOUT", 3)
+    check = doctor.check_onnxruntime()
+    assert (check.status, check.message) == (
+        doctor.FAIL,
+        f"onnxruntime {ORT_VERSION} imports, but listing its execution providers gave no "
+        "answer within 3 s",
+    )
+
+    leftover = tmp_path / "leftover"
+    (leftover / "torch" / "lib").mkdir(parents=True)
+    monkeypatch.setenv("PYTHONPATH", str(leftover))
+    check = doctor.check_torch()
+    assert check.status == doctor.FAIL
+    assert check.message.startswith(
+        f"import torch finds only a folder without __init__.py ({leftover / 'torch'})"
+    )
