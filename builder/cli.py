@@ -247,21 +247,25 @@ def publish_cache_command(
     required=True,
     help="Folder to unpack into (must be new or empty).",
 )
-def fetch_command(artifact_url: str, into: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def fetch_command(artifact_url: str, into: Path, as_json: bool) -> None:
     """Download, verify and unpack one published digest, as the init script does.
 
     \b
-    Every shard's sha256, its tar's sha256 and its file count are checked before
+    STORE_URL/PROFILE/DIGEST is what `gpubuild publish-cache` prints as "fetch:" (its
+    manifest URL, ending in /manifest.json, works too). Every shard's sha256, its tar's
+    sha256 and its file count are checked, and no link may lead out of the tree, before
     anything appears in the folder. A SAS may come from AZURE_STORAGE_SAS_TOKEN.
 
     \b
     Example:
       gpubuild fetch file://$HOME/.cache/gpubuild/store/onnx-gpu/<digest> --into /tmp/sp
     """
-    from builder.fetch import fetch
+    from builder.fetch import fetch, fetch_document
 
     result = fetch(artifact_url, into, on_progress=lambda message: click.echo(message, err=True))
-    click.echo(f"{result.files} files in {result.into}", err=True)
+    if as_json:
+        _emit_json(fetch_document(result))
 
 
 # --- builder.store: gpubuild sas (owner: store.py) -----------------------------------------

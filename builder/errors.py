@@ -18,14 +18,19 @@ class BadInputError(GpubuildError):
     exit_code = 2
 
 
-class ProfileError(BadInputError):
-    """A profile that does not follow the contract; names the file and the key."""
+class FormatError(BadInputError):
+    """A file gpubuild reads (profile, snapshot, lock, manifest) that breaks its format: the
+    message names the file (or URL) and the field."""
 
     def __init__(self, path: object, key: str | None, problem: str) -> None:
         where = f"{path}: [{key}]" if key else f"{path}"
         super().__init__(f"{where}: {problem}")
         self.path = path
         self.key = key
+
+
+class ProfileError(FormatError):
+    """A profile that does not follow the contract; names the file and the key."""
 
 
 class BackendUnavailableError(BadInputError):

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 
-from builder.errors import IntegrityError
+from builder.errors import FormatError
+from builder.fields import (
+    PACKAGE_NAME,
+    PROFILE_NAME,
+    SHA256,
+    Fields,
+    install_dir_problem,
+    relative_path_problem,
+)
 
 MANIFEST_FORMAT = 1
 
@@ -56,30 +65,80 @@ def manifest_to_bytes(manifest: Manifest) -> bytes:
     return (json.dumps(document, sort_keys=True, indent=1) + "\n").encode()
 
 
+_MANIFEST_FIELDS = {
+    "format", "digest", "profile", "python", "platform", "install_dir", "shards", "env",
+    "packages", "directories", "notes",
+}  # fmt: skip
+_SHARD_FIELDS = {"sha256", "bytes", "tar_sha256", "raw_bytes", "files", "packages"}
+_PACKAGE_FIELDS = {"name", "version", "bytes"}
+_PYTHON = re.compile(r"^3\.\d{1,2}$")
+_PLATFORM = re.compile(r"^[a-z0-9_]+(-[a-z0-9_]+)*$")
+_VERSION = re.compile(r"^[A-Za-z0-9.+!_-]{1,64}$")
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
 def manifest_from_bytes(data: bytes, *, where: str = "manifest") -> Manifest:
+    """The one reader of manifests: every field checked, a FormatError (exit 2) naming `where`
+    and the field otherwise. Paths in it can never lead out of the install folder."""
     try:
         document = json.loads(data)
-        if document.get("format") != MANIFEST_FORMAT:
-            raise IntegrityError(
-                f"{where}: manifest format {document.get('format')!r} is not {MANIFEST_FORMAT}"
-            )
-        return Manifest(
-            digest=document["digest"],
-            profile=document["profile"],
-            python=document["python"],
-            platform=document["platform"],
-            install_dir=document["install_dir"],
-            shards=tuple(
-                Shard(**{**shard, "packages": tuple(shard["packages"])})
-                for shard in document["shards"]
-            ),
-            env=dict(document["env"]),
-            packages=tuple(PackageEntry(**p) for p in document["packages"]),
-            directories=tuple(document.get("directories", ())),
-            notes=tuple(document.get("notes", ())),
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise IntegrityError(f"{where}: not a valid gpubuild manifest ({exc})") from None
+    except (ValueError, RecursionError) as exc:
+        raise FormatError(where, None, f"not a gpubuild manifest: not JSON ({exc})") from None
+    top = Fields(document, where)
+    version = top.get("format")
+    if version != MANIFEST_FORMAT or isinstance(version, bool):
+        raise top.fail("format", f"{version!r} is not {MANIFEST_FORMAT}; gpubuild reads format 1")
+    top.only(_MANIFEST_FIELDS)
+    install_dir = top.string("install_dir")
+    problem = install_dir_problem(install_dir)
+    if problem:
+        raise top.fail("install_dir", problem)
+    env = top.get("env")
+    if not isinstance(env, dict):
+        raise top.fail("env", "must be an object of strings")
+    env_fields = Fields(env, where, "env")
+    for key in env:
+        if not _ENV_NAME.match(key):
+            raise top.fail(f"env.{key[:40]}", "is not an environment variable name")
+        env_fields.string(key)
+    directories = top.strings("directories", default=[])
+    for number, directory in enumerate(directories):
+        problem = relative_path_problem(directory)
+        if problem:
+            raise top.fail(f"directories[{number}]", f"{directory[:80]!r}: {problem}")
+    return Manifest(
+        digest=top.string("digest", pattern=SHA256),
+        profile=top.string("profile", pattern=PROFILE_NAME),
+        python=top.string("python", pattern=_PYTHON),
+        platform=top.string("platform", pattern=_PLATFORM),
+        install_dir=install_dir,
+        shards=tuple(_shard(fields) for fields in top.objects("shards")),
+        env={key: str(value) for key, value in env.items()},
+        packages=tuple(_package(fields) for fields in top.objects("packages")),
+        directories=tuple(directories),
+        notes=tuple(top.strings("notes", default=[])),
+    )
+
+
+def _shard(fields: Fields) -> Shard:
+    fields.only(_SHARD_FIELDS)
+    return Shard(
+        sha256=fields.string("sha256", pattern=SHA256),
+        bytes=fields.integer("bytes"),
+        tar_sha256=fields.string("tar_sha256", pattern=SHA256),
+        raw_bytes=fields.integer("raw_bytes"),
+        files=fields.integer("files"),
+        packages=tuple(fields.strings("packages", pattern=PACKAGE_NAME)),
+    )
+
+
+def _package(fields: Fields) -> PackageEntry:
+    fields.only(_PACKAGE_FIELDS)
+    return PackageEntry(
+        name=fields.string("name", pattern=PACKAGE_NAME),
+        version=fields.string("version", pattern=_VERSION),
+        bytes=fields.integer("bytes"),
+    )
 
 
 def manifest_key(profile: str, digest: str) -> str:

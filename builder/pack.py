@@ -129,6 +129,9 @@ def write_shard(tree: Path, plan: ShardPlan, entries: Mapping[str, Entry], blobs
     fd, temp_name = tempfile.mkstemp(dir=blobs, prefix=".shard-", suffix=".partial")
     temp = Path(temp_name)
     try:
+        # mkstemp makes 0600; a store folder is read by other users (a non-root init
+        # container, a web server's workers), so blobs are world-readable like manifests.
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb", buffering=_COPY_BUFFER) as output:
             compressed = _Hashing(output)
             compressor = zstandard.ZstdCompressor(
@@ -465,7 +468,7 @@ def reusable_manifest(out_dir: Path, profile: str, digest: str) -> Manifest | No
     path = out_dir / manifest_key(profile, digest)
     try:
         manifest = manifest_from_bytes(path.read_bytes(), where=str(path))
-    except (OSError, IntegrityError):
+    except (OSError, GpubuildError):  # a damaged local manifest: pack again
         return None
     if manifest.digest != digest or manifest.profile != profile:
         return None

@@ -39,7 +39,9 @@ from builder.resolve import sources_digest
 from builder.store import make_read_sas, open_store
 from builder.tools import run_uv
 from tests.helpers import REPO, run_cli, write_profile
-from tests.support.services import free_port
+from tests.support.faults import Cut, ScriptedStore, Serve, blob_path
+from tests.support.services import free_port, nginx_serving
+from tests.support.users import NONROOT_UID, as_nonroot, give_to_nonroot, is_root, nonroot_folder
 from tests.support.wheels import build_wheel
 
 PROFILE = "itest"
@@ -655,6 +657,164 @@ def test_a_tampered_shard_is_refused_and_never_falls_back(
     assert_installed(target, artifacts.a)
 
 
+def hostile_blob(files: dict[str, bytes], folders: dict[str, int] | None = None) -> bytes:
+    """A .tar.zst that is not what the manifest pins: what a lying store or a man in the middle
+    of an http:// store serves. `folders` name -> mode adds folder entries."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, mode in (folders or {}).items():
+            folder = tarfile.TarInfo(name)
+            folder.type, folder.mode = tarfile.DIRTYPE, mode
+            tar.addfile(folder)
+        for name, data in files.items():
+            member = tarfile.TarInfo(name)
+            member.size, member.mode = len(data), 0o644
+            tar.addfile(member, io.BytesIO(data))
+    return zstandard.ZstdCompressor().compress(raw.getvalue())
+
+
+def _victim(manifest: Manifest) -> Shard:
+    """A small shard that does not hold bigpkg: its hostile copy overwrites bigpkg's files."""
+    return min((s for s in manifest.shards if "bigpkg" not in s.packages), key=lambda s: s.bytes)
+
+
+def test_a_shard_served_hostile_once_leaves_no_trace(artifacts: Artifacts, tmp_path: Path) -> None:
+    """The store lies once: the bytes it sent must not survive the retry that gets good ones.
+
+    The hostile copy overwrites a file of another shard (so the set's file count stays right)
+    and arrives after that shard is unpacked; default parallelism."""
+    manifest = artifacts.a.manifest
+    victim = _victim(manifest)
+    hostile = hostile_blob({"bigpkg/__init__.py": b"PWNED = True\n"})
+    target = tmp_path / "vol"
+    target.mkdir()
+    with ScriptedStore(artifacts.store) as server:
+        server.script(blob_path(victim.sha256), Serve(body=hostile, delay=2.0))
+        result = run_init(write_script(tmp_path, manifest, server.url), target)
+        served = server.served(blob_path(victim.sha256))
+    assert result.returncode == 0, result.stderr
+    assert "sha256 mismatch" in result.stderr and "trying again" in result.stderr
+    assert len(served) == 2
+    assert_installed(target, artifacts.a)
+    assert b"PWNED" not in (target / "bigpkg" / "__init__.py").read_bytes()
+    assert not list(target.rglob("*PWNED*"))
+
+
+def test_a_non_root_run_is_never_wedged_by_what_it_created(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    """As a normal user: a hostile shard with a mode-0000 folder, and a killed run's staging
+    folder holding one, must neither stop this run nor any later one."""
+    manifest = artifacts.a.manifest
+    victim = _victim(manifest)
+    hostile = hostile_blob({"locked/x.py": b"X = 1\n"}, {"locked": 0o000})
+    with nonroot_folder() as home:
+        target = home / "vol"
+        target.mkdir()
+        script = home / "init.sh"
+        script.write_text(render_init_script(manifest, "http://127.0.0.1:1"))
+        # A killed run of another digest left this behind (its folders made unwritable).
+        leftover = target / STATE / f"staging-{'f' * 64}" / "locked"
+        leftover.mkdir(parents=True)
+        (leftover / "x.py").write_text("X = 1\n")
+        give_to_nonroot(home)
+        leftover.chmod(0o000)
+        with ScriptedStore(artifacts.store) as server:
+            server.script(blob_path(victim.sha256), Serve(body=hostile))
+            result = subprocess.run(
+                as_nonroot(["bash", str(script)]),
+                env=script_env(target, {"GPUBUILD_STORE_URL": server.url, "HOME": str(home)}),
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+        assert result.returncode == 0, result.stderr
+        assert "Permission denied" not in result.stderr
+        assert_installed(target, artifacts.a)
+        assert not (target / STATE / f"staging-{'f' * 64}").exists()
+        assert target.stat().st_uid == (NONROOT_UID if is_root() else os.geteuid())
+
+
+@pytest.mark.skipif(not is_root(), reason="needs root to make a file another user cannot read")
+def test_a_blob_the_user_cannot_read_is_told_apart_from_a_missing_one(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    manifest = artifacts.a.manifest
+    with nonroot_folder() as home:
+        store = home / "store"
+        shutil.copytree(artifacts.store, store)
+        for blob in (store / "blobs").iterdir():
+            blob.chmod(0o644)
+        give_to_nonroot(home)
+        shard = _victim(manifest)
+        blob = store / blob_key(shard.sha256)
+        os.chown(blob, 0, 0)
+        blob.chmod(0o600)
+        script = home / "init.sh"
+        script.write_text(render_init_script(manifest, store.as_uri()))
+        target = home / "vol"
+        target.mkdir()
+        give_to_nonroot(target)
+
+        def run() -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                as_nonroot(["bash", str(script)]),
+                env=script_env(target, {"HOME": str(home)}),
+                capture_output=True,
+                text=True,
+                timeout=180,
+            )
+
+        unreadable = run()
+        assert unreadable.returncode == 1
+        assert "may not read it" in unreadable.stderr and "unreadable" in unreadable.stderr
+        assert "SAS" not in unreadable.stderr.split("ERROR:", 1)[1]
+        blob.unlink()
+        missing = run()
+        assert missing.returncode == 1
+        assert "missing" in missing.stderr and "publish" in missing.stderr
+        assert "SAS" not in missing.stderr.split("ERROR:", 1)[1]
+
+
+def test_a_store_behind_a_web_server_run_by_a_normal_user(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    """Blobs as pack writes them can be served by a stock web server (workers not root); one
+    it may not read is reported as forbidden, without blaming a SAS that nobody gave."""
+    manifest = artifacts.a.manifest
+    with nonroot_folder() as home:
+        store = home / "store"
+        write_artifact(
+            artifacts.a.tree,
+            store,
+            profile=PROFILE,
+            digest=manifest.digest,
+            python="3.11",
+            platform="x86_64-manylinux_2_28",
+            install_dir=INSTALL_DIR,
+            shard_threshold=1 << 20,
+        )
+        for folder in [store, *store.rglob("*")]:
+            if folder.is_dir():
+                folder.chmod(0o755)
+        with nginx_serving(store, tmp_path / "nginx") as url:
+            target = tmp_path / "vol"
+            target.mkdir()
+            served = run_init(write_script(tmp_path, manifest, url), target)
+            assert served.returncode == 0, served.stderr
+            assert_installed(target, artifacts.a)
+
+            (store / blob_key(_victim(manifest).sha256)).chmod(0o600)
+            other = tmp_path / "vol2"
+            other.mkdir()
+            refused = run_init(write_script(tmp_path, manifest, url), other)
+        assert refused.returncode == 1
+        error = refused.stderr.split("ERROR:", 1)[1]
+        assert "HTTP 403, forbidden" in error and "no SAS was given" in error
+        assert "expired" not in error
+        assert_empty(other)
+
+
 def test_a_missing_shard_fails_and_leaves_nothing(artifacts: Artifacts, tmp_path: Path) -> None:
     store = tmp_path / "partial"
     shutil.copytree(artifacts.store, store)
@@ -678,6 +838,25 @@ def test_a_stream_cut_once_is_retried(artifacts: Artifacts, tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "attempt 1 of 2 failed" in result.stderr and "trying again" in result.stderr
     assert_installed(target, artifacts.a)
+
+
+def test_a_cut_download_resumes_instead_of_starting_again(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    manifest = artifacts.a.manifest
+    big = max(manifest.shards, key=lambda s: s.bytes)
+    with ScriptedStore(artifacts.store) as server:
+        server.script(blob_path(big.sha256), Cut(0.9))
+        target = tmp_path / "vol"
+        target.mkdir()
+        result = run_init(write_script(tmp_path, manifest, server.url), target)
+        served = server.served(blob_path(big.sha256))
+    assert result.returncode == 0, result.stderr
+    assert_installed(target, artifacts.a)
+    assert [entry.range_start > 0 for entry in served] == [False, True]
+    # The second request asked for the last tenth only: the blob crossed the wire once.
+    assert sum(entry.bytes_sent for entry in served) == big.bytes
+    assert served[1].bytes_sent < big.bytes // 5
 
 
 @pytest.mark.parametrize("mode", ["close", "stall"])
@@ -720,7 +899,7 @@ def test_azurite_stopped_in_the_middle_of_a_download(
         stderr=subprocess.PIPE,
         text=True,
     )
-    blob = target / STATE / f"staging-{manifest.digest}" / "bigpkg" / "blob.bin"
+    blob = target / STATE / "download" / f"{big_shard(manifest)}.part"
     # The biggest shard goes first: stop the store once its bytes are arriving.
     deadline = time.monotonic() + 60
     while not (blob.exists() and blob.stat().st_size > 0):
@@ -776,15 +955,17 @@ def test_sigkill_mid_download_keeps_the_old_set_and_a_rerun_finishes(
             stderr=subprocess.DEVNULL,
             text=True,
         )
-        blob = target / STATE / f"staging-{manifest.digest}" / "bigpkg" / "blob.bin"
+        blob = target / STATE / "download" / f"{big_shard(manifest)}.part"
         deadline = time.monotonic() + 60
         while not (blob.exists() and blob.stat().st_size > 1 << 20):
             assert proc.poll() is None
             assert time.monotonic() < deadline
             time.sleep(0.01)
         kill_tree(proc)
-    # The old set is untouched; the killed run's staging folder waits for the next run.
+    # The old set is untouched; the killed run's staging folder and partial download wait for
+    # the next run, which resumes the download.
     assert_installed(target, artifacts.a, clean=False)
+    assert blob.stat().st_size > 1 << 20
     rerun = run_init(script, target, {"GPUBUILD_STORE_URL": url})
     assert rerun.returncode == 0, rerun.stderr
     assert_installed(target, artifacts.b)

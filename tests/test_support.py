@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import urllib.error
 import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable
@@ -23,6 +24,7 @@ from wheel.wheelfile import WheelFile
 from tests.support import services
 from tests.support.index import serve_directory, write_simple_index
 from tests.support.services import AzuriteEndpoint
+from tests.support.users import nonroot_folder
 from tests.support.wheels import build_sdist, build_wheel
 
 LocalIndex = Callable[[Iterable[Path]], str]
@@ -282,18 +284,30 @@ def test_push_and_pull_through_registry(
 # -- nginx and mirror discovery ----------------------------------------------
 
 
-def test_nginx_serves_folder(tmp_path: Path) -> None:
-    folder = tmp_path / "store"
-    folder.mkdir()
+def test_nginx_serves_folder_as_a_normal_user(tmp_path: Path) -> None:
     payload = os.urandom(100_000)
-    (folder / "shard.bin").write_bytes(payload)
-    with services.nginx_serving(folder, tmp_path / "nginx") as base:
-        with urllib.request.urlopen(f"{base}/shard.bin") as response:
-            assert response.read() == payload
-        request = urllib.request.Request(f"{base}/shard.bin", headers={"Range": "bytes=-10"})
-        with urllib.request.urlopen(request) as response:
-            assert response.status == 206
-            assert response.read() == payload[-10:]
+    with nonroot_folder() as folder:
+        (folder / "shard.bin").write_bytes(payload)
+        (folder / "shard.bin").chmod(0o644)
+        (folder / "private.bin").write_bytes(payload)
+        (folder / "private.bin").chmod(0o600)
+        with services.nginx_serving(folder, tmp_path / "nginx") as base:
+            with urllib.request.urlopen(f"{base}/shard.bin") as response:
+                assert response.read() == payload
+            request = urllib.request.Request(f"{base}/shard.bin", headers={"Range": "bytes=-10"})
+            with urllib.request.urlopen(request) as response:
+                assert response.status == 206
+                assert response.read() == payload[-10:]
+            # Its workers are not root: a file only its owner may read is refused.
+            if os.geteuid() == 0:
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(f"{base}/private.bin")
+                assert refused.value.code == 403
+    with pytest.raises(services.ServiceError, match="nonroot_folder"):
+        if os.geteuid() != 0:
+            raise services.ServiceError("nonroot_folder: only checked as root")
+        with services.nginx_serving(tmp_path, tmp_path / "nginx2"):
+            pass
 
 
 def test_debian_mirror_from_both_source_formats(tmp_path: Path) -> None:

@@ -490,18 +490,29 @@ def registry(tmp: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def nginx_serving(folder: Path, tmp: Path) -> Iterator[str]:
-    """Serve ``folder`` read-only with nginx; yields ``http://127.0.0.1:PORT``."""
+    """Serve ``folder`` read-only with nginx; yields ``http://127.0.0.1:PORT``.
+
+    The workers run as a normal user (nobody), as a stock nginx's do: a store whose files only
+    their owner may read is refused (HTTP 403) here as it would be in production. So `folder`
+    and every folder above it must be readable by others (pytest's tmp folders are not: use
+    `tests.support.users.nonroot_folder`).
+    """
     program = require_program("nginx", "Debian package nginx-light")
+    folder = Path(folder).resolve()
+    unreachable = [p for p in (folder, *folder.parents) if not p.stat().st_mode & 0o001]
+    if unreachable and os.geteuid() == 0:
+        raise ServiceError(
+            f"nginx's workers (user nobody) cannot reach {folder}: {unreachable[-1]} is not "
+            "searchable by others; serve a folder made with tests.support.users.nonroot_folder"
+        )
     port = free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     conf = tmp / "nginx.conf"
     log = tmp / "nginx.log"
-    # Workers run as root because pytest's tmp folders are mode 0700, which
-    # nginx's default worker user could not read.
     conf.write_text(
         "daemon off;\n"
-        "user root;\n"
-        "worker_processes 2;\n"
+        + ("user nobody nogroup;\n" if os.geteuid() == 0 else "")
+        + "worker_processes 2;\n"
         f"pid {tmp}/nginx.pid;\n"
         f"error_log {tmp}/error.log warn;\n"
         "events {}\n"
@@ -513,7 +524,7 @@ def nginx_serving(folder: Path, tmp: Path) -> Iterator[str]:
         f"  fastcgi_temp_path {tmp}/fastcgi;\n"
         f"  uwsgi_temp_path {tmp}/uwsgi;\n"
         f"  scgi_temp_path {tmp}/scgi;\n"
-        f"  server {{ listen 127.0.0.1:{port}; root {Path(folder).resolve()}; }}\n"
+        f"  server {{ listen 127.0.0.1:{port}; root {folder}; }}\n"
         "}\n"
     )
     # -e and -p keep nginx from touching /var/log/nginx before it has read
