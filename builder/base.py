@@ -9,7 +9,8 @@ from pathlib import Path
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from builder.errors import BadInputError, DockerError
+from builder.errors import BadInputError, DockerError, FormatError
+from builder.fields import PACKAGE_NAME
 
 # Run inside the image with its own interpreter: the standard library only, so it works on any
 # image that has Python >= 3.8, and `python` or `python3` (whichever exists) first on PATH.
@@ -30,26 +31,41 @@ class BaseSnapshot:
         return self.packages.get(canonicalize_name(name))
 
 
-def read_snapshot(path: Path) -> BaseSnapshot:
-    """Parse `name==version` lines; `#` starts a comment."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot read base snapshot: {exc}") from None
+def parse_snapshot(text: str, where: object) -> dict[str, str]:
+    """The one reader of snapshots: `name==version` lines, `#` comments; FormatError naming
+    `where` and the line otherwise."""
     packages: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
         if not line:
             continue
         name, sep, version = line.partition("==")
-        if not sep or not name.strip() or not version.strip():
-            raise BadInputError(f"{path}:{number}: expected name==version, got {line!r}")
+        name, version = name.strip(), version.strip()
+        if not sep or not PACKAGE_NAME.match(name) or not version:
+            raise FormatError(where, f"line {number}", f"expected name==version, got {line[:80]!r}")
         try:
-            Version(version.strip())
+            Version(version)
         except InvalidVersion:
-            raise BadInputError(f"{path}:{number}: {version.strip()!r} is not a version") from None
-        packages[canonicalize_name(name.strip())] = version.strip()
-    return BaseSnapshot(path=path, packages=packages)
+            raise FormatError(
+                where, f"line {number}", f"{version[:40]!r} is not a version"
+            ) from None
+        packages[canonicalize_name(name)] = version
+    return packages
+
+
+def decode_snapshot(data: bytes, where: object) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(where, None, f"not UTF-8 text (byte {exc.start})") from None
+
+
+def read_snapshot(path: Path) -> BaseSnapshot:
+    try:
+        data = path.read_bytes()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise BadInputError(f"{path}: cannot read base snapshot: {exc}") from None
+    return BaseSnapshot(path=path, packages=parse_snapshot(decode_snapshot(data, path), path))
 
 
 def render_snapshot(image: str, python: str, packages: dict[str, str]) -> str:

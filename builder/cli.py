@@ -5,27 +5,44 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from builder import __version__
 from builder.errors import BadInputError, GpubuildError
+from builder.secrets import (
+    malformed_userinfo,
+    redact_url,
+    register_environment,
+    register_url,
+    scrub,
+)
+
+if TYPE_CHECKING:
+    from builder.resolve import IndexSettings
 
 
 class GpubuildGroup(click.Group):
     """Turns GpubuildError into its message and exit status instead of a traceback."""
 
     def invoke(self, ctx: click.Context) -> object:
+        register_environment()
         try:
             return super().invoke(ctx)
         except GpubuildError as exc:
-            click.echo(f"gpubuild: error: {exc}", err=True)
+            click.echo(f"gpubuild: error: {scrub(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
         except OSError as exc:
             # A file or folder the user named that cannot be read or written: a message, not
-            # a traceback. (Secrets never travel in OSError texts: they carry paths.)
-            click.echo(f"gpubuild: error: {exc}", err=True)
+            # a traceback.
+            click.echo(f"gpubuild: error: {scrub(str(exc))}", err=True)
             ctx.exit(1)
+
+
+def report(message: str) -> None:
+    """Progress and results for a person: stderr, with every secret scrubbed."""
+    click.echo(scrub(message), err=True)
 
 
 @click.group(cls=GpubuildGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,19 +73,38 @@ def _emit_json(document: object) -> None:
     click.echo(json.dumps(document, indent=2, sort_keys=True))
 
 
+def _checked_index_url(option: str, url: str) -> str:
+    """An index URL from the command line: its credentials are registered as secrets, and one
+    that tools would split wrongly (and then print its password) is refused."""
+    register_url(url)
+    if malformed_userinfo(url):
+        raise BadInputError(
+            f"{option} {redact_url(url)}: the part before '@' holds a '/', which URL parsers"
+            " take for the start of the path (and then print the password); percent-encode it"
+            " in the user name or password ('/' is %2F)"
+        )
+    if not url.startswith(("http://", "https://", "file://")):
+        raise BadInputError(f"{option} {redact_url(url)}: expected an http(s):// or file:// URL")
+    return url
+
+
 def _parse_index_overrides(values: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     overrides = []
     for value in values:
         name, sep, url = value.partition("=")
         if not sep or not name or not url:
-            raise BadInputError(f"--index {value!r}: expected NAME=URL or NAME=default")
+            raise BadInputError(f"--index {redact_url(value)!r}: expected NAME=URL or NAME=default")
+        if url != "default":
+            _checked_index_url(f"--index {name}=", url)
         overrides.append((name, url))
     return tuple(overrides)
 
 
-def _index_settings(index_url: str | None, index_overrides: tuple[str, ...]) -> object:
+def _index_settings(index_url: str | None, index_overrides: tuple[str, ...]) -> IndexSettings:
     from builder.resolve import IndexSettings
 
+    if index_url is not None:
+        _checked_index_url("--index-url", index_url)
     return IndexSettings(default_url=index_url, overrides=_parse_index_overrides(index_overrides))
 
 
@@ -219,7 +255,7 @@ def publish_cache_command(
         store_url=store_url or default_store_url(),
         lock_path=lock_path,
         settings=_index_settings(index_url, index_overrides),  # type: ignore[arg-type]
-        on_progress=lambda message: click.echo(message, err=True),
+        on_progress=report,
     )
     if result.already_published:
         summary = "already published, nothing uploaded"
@@ -263,7 +299,7 @@ def fetch_command(artifact_url: str, into: Path, as_json: bool) -> None:
     """
     from builder.fetch import fetch, fetch_document
 
-    result = fetch(artifact_url, into, on_progress=lambda message: click.echo(message, err=True))
+    result = fetch(artifact_url, into, on_progress=report)
     if as_json:
         _emit_json(fetch_document(result))
 
@@ -280,11 +316,24 @@ def fetch_command(artifact_url: str, into: Path, as_json: bool) -> None:
     help="How long the token stays valid: 90s, 30m, 24h, 7d.",
 )
 @click.option(
+    "--allow-long-expiry",
+    is_flag=True,
+    help="Allow --expires-in above 365 days (up to ten years).",
+)
+@click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Write the token to this file (mode 0600) instead of stdout.",
 )
-def sas(store_url: str, expires_in: str, out: Path | None) -> None:
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print where the token went and its expiry as JSON on stdout (needs --out).",
+)
+def sas(
+    store_url: str, expires_in: str, allow_long_expiry: bool, out: Path | None, as_json: bool
+) -> None:
     """Make a read-only SAS token for STORE_URL's container, for the init script.
 
     \b
@@ -303,19 +352,30 @@ def sas(store_url: str, expires_in: str, out: Path | None) -> None:
         describe_read_sas,
         make_read_sas,
         open_store,
-        parse_duration,
         sas_expiry_for,
+        sas_lifetime,
         write_secret_file,
     )
 
-    expiry = sas_expiry_for(parse_duration(expires_in))
+    if as_json and out is None:
+        raise BadInputError("--json needs --out: stdout would hold both the token and the JSON")
+    expiry = sas_expiry_for(sas_lifetime(expires_in, allow_long=allow_long_expiry))
     store = open_store(store_url)
     token = make_read_sas(store, expiry=expiry)
     if out is not None:
         write_secret_file(out, token)
     else:
         click.echo(token)
-    click.echo(f"{describe_read_sas(store, expiry)} -> {out or 'stdout'}", err=True)
+    report(f"{describe_read_sas(store, expiry)} -> {out or 'stdout'}")
+    if as_json:
+        _emit_json(
+            {
+                "store": store.display_url,
+                "out": str(out),
+                "expires": expiry.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "permissions": "read",
+            }
+        )
 
 
 # --- builder.pack: gpubuild pack (owner: pack.py) -------------------------------------------
@@ -370,7 +430,7 @@ def pack_command(
         lock_path=lock_path,
         out_dir=out,
         settings=settings,
-        on_progress=lambda message: click.echo(message, err=True),
+        on_progress=report,
     )
     manifest = result.manifest
     state = "reused" if result.reused else "written"
@@ -665,7 +725,7 @@ def dockerfile_command(
         max_light_bytes=int(max_light_mb * MB),
         budget_bytes=int(budget_gb * GB),
         output=output,
-        on_progress=lambda message: click.echo(message, err=True),
+        on_progress=report,
     )
     click.echo(worker_text(result.plan), err=True)
     click.echo(render_budget(result.budget), err=True)
@@ -716,7 +776,7 @@ def split_command(
         requirements,
         settings=_index_settings(index_url, ()),  # type: ignore[arg-type]
         max_bytes=int(max_light_mb * MB),
-        on_progress=lambda message: click.echo(message, err=True),
+        on_progress=report,
     )
     click.echo(split_text(proposal), err=True)
     if as_json:
@@ -785,7 +845,7 @@ def build_image_command(
     if index_url and "PIP_INDEX_URL" not in args:
         args["PIP_INDEX_URL"] = index_url
     check_build_args(args)
-    progress = lambda message: click.echo(message, err=True)  # noqa: E731
+    progress = report
     plan = plan_worker(
         load_profile(profile),
         profile_arg=profile.as_posix(),

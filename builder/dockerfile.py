@@ -36,7 +36,7 @@ from builder.resolve import (
     effective_indexes,
     resolve,
 )
-from builder.tools import redact_url
+from builder.secrets import redact_url
 
 Progress = Callable[[str], None]
 APP_DIR = "/app"

@@ -5,11 +5,20 @@ Exit statuses follow DESIGN.md: 1 for a failure of the job, 2 for bad input or u
 
 from __future__ import annotations
 
+from builder.secrets import scrub
+
 
 class GpubuildError(Exception):
-    """A failure the user can act on; the CLI prints the message and exits with `exit_code`."""
+    """A failure the user can act on; the CLI prints the message and exits with `exit_code`.
+
+    The message is scrubbed of secrets when the error is made (builder.secrets), so no caller
+    can put a SAS, a key or a URL's credentials into one by quoting what a service said.
+    """
 
     exit_code = 1
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(scrub(arg) if isinstance(arg, str) else arg for arg in args))
 
 
 class BadInputError(GpubuildError):

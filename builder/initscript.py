@@ -7,7 +7,6 @@ The template's header comment explains the layout on the volume and the atomic s
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from dataclasses import dataclass
@@ -17,10 +16,11 @@ from urllib.parse import urlsplit
 
 from builder.errors import BadInputError, IntegrityError, NotPublishedError
 from builder.files import write_atomically
-from builder.lock import Lock, parse_compiled, read_lock
+from builder.lock import Lock, parse_lock, read_lock
 from builder.manifest import Manifest, manifest_from_bytes
 from builder.profile import Profile
 from builder.resolve import default_lock_path, sources_digest
+from builder.secrets import has_credentials, malformed_userinfo, redact_url
 from builder.store import Store, open_store
 
 FALLBACKS = ("pip",)
@@ -29,7 +29,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _PROFILE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 # Bytes a shell here-document line may not hold; the tree's folder names become such lines.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
-_LOCK_HEADER = "# gpubuild: "
 _LABEL_LIMIT = 60
 _HEREDOC_MARKERS = (
     "GPUBUILD_SHARDS",
@@ -124,22 +123,23 @@ class FallbackData:
     excluded: tuple[str, ...]
 
 
-def fallback_data(lock_text: str) -> FallbackData:
+def fallback_data(lock_text: str, where: object = "the lock") -> FallbackData:
     """What the pip fallback needs from a lock: its text, its indexes, its excluded names."""
-    excluded: list[str] = []
-    for line in lock_text.splitlines():
-        if line.startswith(_LOCK_HEADER):
-            try:
-                report = json.loads(line[len(_LOCK_HEADER) :])
-            except ValueError:
-                raise BadInputError(
-                    "the lock's gpubuild header is damaged; resolve again"
-                ) from None
-            excluded = [str(entry["name"]) for entry in report.get("excluded", ())]
-    indexes = sorted({p.index_url for p in parse_compiled(lock_text) if p.index_url})
+    lock = parse_lock(lock_text, where)
+    excluded = [entry.name for entry in lock.excluded]
+    indexes = sorted({p.index_url for p in lock.packages if p.index_url})
     for url in indexes:
-        if urlsplit(url).password or _UNSAFE.search(url) or " " in url:
-            raise BadInputError(f"the lock names an index URL that cannot go into a script: {url}")
+        if has_credentials(url) or malformed_userinfo(url):
+            raise BadInputError(
+                f"the lock names the index {redact_url(url)} with credentials in its URL; a"
+                " generated script never holds a secret: resolve again (gpubuild writes index"
+                " URLs without them), and give the pod's pip its credentials at run time"
+                " (PIP_EXTRA_INDEX_URL from a Secret, or a netrc)"
+            )
+        if _UNSAFE.search(url) or " " in url:
+            raise BadInputError(
+                f"the lock names an index URL that cannot go into a script: {redact_url(url)!r}"
+            )
     return FallbackData(lock_text, tuple(indexes), tuple(excluded))
 
 

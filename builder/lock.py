@@ -15,7 +15,8 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
-from builder.errors import BadInputError
+from builder.errors import BadInputError, FormatError
+from builder.fields import PACKAGE_NAME, PROFILE_NAME, Fields, install_dir_problem
 
 # 2: the target's interpreter and install folder are part of the lock (and of the digest).
 # 3: `sources`, the sha256 of the profile and base snapshot the lock was resolved from.
@@ -161,39 +162,88 @@ def render_lock(
     return "\n".join(header) + lock.body()
 
 
+_VERSION_TEXT = re.compile(r"^[A-Za-z0-9.+!_-]{1,64}$")
+
+
 def read_lock(path: Path) -> Lock:
+    """The one reader of locks: every header field checked; FormatError (exit 2) naming the
+    file and the field otherwise."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
+        data = path.read_bytes()
+    except (OSError, ValueError) as exc:
         raise BadInputError(f"{path}: cannot read lock: {exc}") from None
-    report: dict[str, object] | None = None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FormatError(path, None, f"not UTF-8 text (byte {exc.start}); resolve again") from None
+    return parse_lock(text, path)
+
+
+def parse_lock(text: str, where: object) -> Lock:
+    document: object = None
     for line in text.splitlines():
         if line.startswith(_HEADER_KEY):
             try:
-                report = json.loads(line[len(_HEADER_KEY) :])
-            except ValueError:
-                raise BadInputError(f"{path}: damaged gpubuild header; run resolve again") from None
+                document = json.loads(line[len(_HEADER_KEY) :])
+            except (ValueError, RecursionError):
+                raise FormatError(
+                    where, "header", "damaged gpubuild header; resolve again"
+                ) from None
             break
-    if report is None or report.get("format") != LOCK_FORMAT:
-        raise BadInputError(f"{path}: not a gpubuild lock (format {LOCK_FORMAT}); run resolve")
+    if document is None:
+        raise FormatError(
+            where, None, f"not a gpubuild lock (no {_HEADER_KEY.strip()} line); resolve"
+        )
+    report = Fields(document, str(where), "header")
+    version = report.get("format")
+    if version != LOCK_FORMAT or isinstance(version, bool):
+        raise FormatError(
+            where, "header.format", f"{version!r} is not lock format {LOCK_FORMAT}; resolve again"
+        )
+    install_dir = report.string("install_dir")
+    problem = install_dir_problem(install_dir)
+    if problem:
+        raise report.fail("install_dir", problem)
+    try:
+        packages = tuple(parse_compiled(text))
+    except (ValueError, TypeError) as exc:
+        raise FormatError(where, None, f"unreadable pins ({exc}); resolve again") from None
     return Lock(
-        profile=str(report["profile"]),
-        python=str(report["python"]),
-        platform=str(report["platform"]),
-        interpreter=str(report["interpreter"]),
-        install_dir=str(report["install_dir"]),
-        sources=str(report.get("sources", "")),
-        inputs=str(report["inputs"]),
-        backend=str(report["backend"]),
-        packages=tuple(parse_compiled(text)),
-        provided_by_base=tuple(Pinned(**p) for p in report["provided_by_base"]),  # type: ignore[union-attr]
-        excluded=tuple(
-            Excluded(e["name"], e["version"], tuple(e["required_by"]))
-            for e in report["excluded"]  # type: ignore[union-attr]
+        profile=report.string("profile", pattern=PROFILE_NAME),
+        python=report.string("python"),
+        platform=report.string("platform"),
+        interpreter=report.string("interpreter"),
+        install_dir=install_dir,
+        sources=report.string("sources", required=False),
+        inputs=report.string("inputs"),
+        backend=report.string("backend"),
+        packages=packages,
+        provided_by_base=tuple(
+            Pinned(_name(f, "name"), _version(f, "version"))
+            for f in report.objects("provided_by_base")
         ),
-        shadowed=tuple(Shadowed(**s) for s in report["shadowed"]),  # type: ignore[union-attr]
-        warnings=tuple(report.get("warnings", ())),  # type: ignore[arg-type]
+        excluded=tuple(
+            Excluded(
+                _name(f, "name"),
+                _version(f, "version"),
+                tuple(f.strings("required_by")),
+            )
+            for f in report.objects("excluded")
+        ),
+        shadowed=tuple(
+            Shadowed(_name(f, "name"), _version(f, "version"), _version(f, "base_version"))
+            for f in report.objects("shadowed")
+        ),
+        warnings=tuple(report.strings("warnings", default=[])),
     )
+
+
+def _name(fields: Fields, key: str) -> str:
+    return fields.string(key, pattern=PACKAGE_NAME)
+
+
+def _version(fields: Fields, key: str) -> str:
+    return fields.string(key, pattern=_VERSION_TEXT)
 
 
 def parse_compiled(text: str) -> list[LockedPackage]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import re
 import shutil
 import tarfile
 import tempfile
@@ -44,7 +43,8 @@ from builder.manifest import (
 )
 from builder.profile import Profile
 from builder.resolve import IndexSettings, real_index_urls, resolve
-from builder.tools import redact_url, run_uv
+from builder.secrets import redact_url, scrub
+from builder.tools import run_uv
 from builder.tree import (
     Entry,
     Listing,
@@ -401,7 +401,7 @@ def materialise(
 
 
 def _install_error(stderr: str, lock_path: Path, dest: Path, index: str) -> GpubuildError:
-    text = re.sub(r"(\w+://)[^/\s@]+@", r"\1", stderr.strip())  # never echo credentials
+    text = scrub(stderr.strip())  # never echo credentials
     if "No space left on device" in text or "os error 28" in text:
         used = sum(e.size for e in list_tree(dest).entries) if dest.is_dir() else 0
         free = shutil.disk_usage(dest.parent).free

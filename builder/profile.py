@@ -11,7 +11,10 @@ from typing import Any
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from builder.errors import ProfileError
+from builder.base import decode_snapshot, parse_snapshot
+from builder.errors import FormatError, ProfileError
+from builder.fields import install_dir_problem
+from builder.secrets import has_credentials, malformed_userinfo, redact_url, register_url
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -151,14 +154,11 @@ def _parse_target(table: dict[str, Any], path: Path) -> Target:
     if not PurePosixPath(values["interpreter"]).is_absolute():
         raise ProfileError(path, "target.interpreter", "must be an absolute path")
     install_dir = _string(table, "install_dir", path, "target.install_dir", required=False)
-    install_dir = install_dir or DEFAULT_INSTALL_DIR
-    if not PurePosixPath(install_dir).is_absolute() or install_dir.rstrip("/") == "":
-        raise ProfileError(path, "target.install_dir", "must be an absolute path other than /")
-    base_packages = (path.parent / values["base_packages"]).resolve()
-    if not base_packages.is_file():
-        raise ProfileError(
-            path, "target.base_packages", f"base snapshot {base_packages} does not exist"
-        )
+    install_dir = (install_dir or DEFAULT_INSTALL_DIR).rstrip("/") or "/"
+    problem = install_dir_problem(install_dir)
+    if problem:
+        raise ProfileError(path, "target.install_dir", problem)
+    base_packages = _snapshot_path(path, values["base_packages"])
     sizes = {}
     for key in ("base_image_download_bytes", "base_image_bytes"):
         value = table.get(key)
@@ -173,9 +173,31 @@ def _parse_target(table: dict[str, Any], path: Path) -> Target:
         python=values["python"],
         platform=values["platform"],
         interpreter=values["interpreter"],
-        install_dir=install_dir.rstrip("/"),
+        install_dir=install_dir,
         **sizes,
     )
+
+
+def _snapshot_path(path: Path, value: str) -> Path:
+    """The base snapshot the profile names, read and checked now: a loop of links, a NUL in the
+    name or text that is not UTF-8 is the profile's error, not a crash later on."""
+    key = "target.base_packages"
+    try:
+        resolved = (path.parent / value).resolve()
+        data = resolved.read_bytes()
+    except FileNotFoundError:
+        raise ProfileError(
+            path, key, f"base snapshot {path.parent / value} does not exist"
+        ) from None
+    except IsADirectoryError:
+        raise ProfileError(path, key, f"base snapshot {path.parent / value} is a folder") from None
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a link loop (3.10-3.12)
+        raise ProfileError(path, key, f"cannot read base snapshot {value!r}: {exc}") from None
+    try:
+        parse_snapshot(decode_snapshot(data, resolved), resolved)
+    except FormatError as exc:
+        raise ProfileError(path, key, f"base snapshot {exc}") from None
+    return resolved
 
 
 def _parse_policy(table: dict[str, Any], path: Path) -> Policy:
@@ -203,7 +225,19 @@ def _parse_indexes(value: Any, path: Path) -> tuple[Index, ...]:
             raise ProfileError(path, f"{key}.name", f"index {name!r} is defined twice")
         url = _string(table, "url", path, f"{key}.url")
         if not re.match(r"^(https?|file)://", url):
-            raise ProfileError(path, f"{key}.url", f"{url!r} must be an http(s):// or file:// URL")
+            raise ProfileError(
+                path, f"{key}.url", f"{redact_url(url)!r} must be an http(s):// or file:// URL"
+            )
+        if has_credentials(url) or malformed_userinfo(url):
+            register_url(url)
+            raise ProfileError(
+                path,
+                f"{key}.url",
+                f"{redact_url(url)} carries credentials (a user name, password or token in the"
+                " URL); a profile is committed to git: give them at run time instead, with"
+                f" --index {name}=URL or uv's UV_INDEX_{name.upper().replace('-', '_')}_USERNAME"
+                " and _PASSWORD",
+            )
         packages = _names(table, "packages", path, f"{key}.packages")
         if not packages:
             raise ProfileError(path, f"{key}.packages", "lists no package")

@@ -41,14 +41,8 @@ from builder.lock import (
     render_lock,
 )
 from builder.profile import Index, Profile
-from builder.tools import (
-    pip_compile_argv,
-    redact_url,
-    run_tool,
-    run_uv,
-    scrub_urls,
-    uv_version,
-)
+from builder.secrets import redact_url, scrub
+from builder.tools import pip_compile_argv, run_tool, run_uv, uv_version
 
 BACKENDS = ("uv", "pip-tools")
 USE_DEFAULT_INDEX = "default"
@@ -515,7 +509,7 @@ def _failure(
     stderr: str, profile: Profile, snapshot: BaseSnapshot, tool: str, job: _Job | None = None
 ) -> Exception:
     job = job or _Job(profile.heavy)
-    stderr = scrub_urls(stderr)
+    stderr = scrub(stderr)
     if (
         re.search(
             r"No solution found|ResolutionImpossible|Could not find a version|conflict",

@@ -5,7 +5,7 @@ Layout, the same in both: `PREFIX/blobs/<sha256>.tar.zst` (shared by every profi
 already there is a no-op, and two publishers writing the same blob at once both succeed.
 
 Secrets (account keys, SAS signatures, connection strings) never reach an exception message,
-`str(store)` or `display_url`: every message built from an SDK error goes through `_scrub`.
+`str(store)` or `display_url`: every message goes through `builder.secrets.scrub`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from builder.errors import BadInputError, IntegrityError, NotPublishedError, StoreError
 from builder.manifest import blob_key, manifest_key
+from builder.secrets import register, register_url, scrub
 
 _SCHEME_HELP = (
     "file://PATH (or an absolute path), az://ACCOUNT/CONTAINER[/PREFIX], "
@@ -129,6 +130,7 @@ def _check_account(account: str, url: str) -> str:
 
 def parse_store_url(url: str) -> FileLocation | AzureLocation:
     """Read a store URL without touching the network or the environment."""
+    register_url(url)
     if "://" not in url:
         if url.startswith(("/", "./", "../", "~")):
             return FileLocation(Path(url).expanduser().resolve())
@@ -174,23 +176,6 @@ def parse_store_url(url: str) -> FileLocation | AzureLocation:
 
 
 # --- secrets ------------------------------------------------------------------------------
-
-_SECRET_PATTERNS = (
-    re.compile(r"(?i)(\bsig=)[^&\s'\"]+"),
-    re.compile(r"(?i)(AccountKey=)[^;\s'\"]+"),
-    re.compile(r"(?i)(SharedAccessSignature=)[^;\s'\"]+"),
-)
-
-
-def _scrub(text: str, secrets: tuple[str, ...] = ()) -> str:
-    """Remove every secret from a message built from an SDK error (which may quote a URL)."""
-    for secret in secrets:
-        if secret and len(secret) >= 8:
-            text = text.replace(secret, "***")
-            text = text.replace(quote(secret, safe=""), "***")
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub(r"\1***", text)
-    return text
 
 
 def sas_expiry(token: str) -> datetime | None:
@@ -285,6 +270,10 @@ class AzureCredentials:
             found.append(_signature(self.sas) or "")
         return tuple(s for s in found if s)
 
+    def __post_init__(self) -> None:
+        for secret in self.secrets:
+            register(secret)
+
 
 def choose_credentials(location: AzureLocation, *, sas: str | None = None) -> AzureCredentials:
     """Pick the credential by DESIGN.md's order: connection string, SAS, DefaultAzureCredential."""
@@ -319,7 +308,7 @@ def choose_credentials(location: AzureLocation, *, sas: str | None = None) -> Az
         else:
             ignored = (
                 f"AZURE_STORAGE_CONNECTION_STRING is for account {cs_account or '?'} "
-                f"({_scrub(cs_endpoint or '?')}), not for this store, so it was not used"
+                f"({scrub(cs_endpoint or '?')}), not for this store, so it was not used"
             )
     endpoint = location.endpoint or f"https://{location.account}.blob.core.windows.net"
     candidates = (
@@ -677,7 +666,7 @@ class AzureStore(Store):
         try:
             yield
         except (ServiceRequestError, ServiceResponseError) as exc:
-            reason = _scrub(_first_line(str(exc)), self.credentials.secrets)
+            reason = scrub(_first_line(str(exc)), self.credentials.secrets)
             raise StoreError(
                 f"cannot reach the store at {self.display_url}: {reason}; check the URL, the "
                 "network and DNS"
@@ -734,7 +723,7 @@ class AzureStore(Store):
         )
         if creds.ignored:
             message += f" ({creds.ignored})"
-        return StoreError(_scrub(message, creds.secrets))
+        return StoreError(scrub(message, creds.secrets))
 
     def _ensure_container(self) -> None:
         """Create the container once, when a write finds it missing and the credential may."""
@@ -874,7 +863,7 @@ class AzureStore(Store):
         code = _error_code(exc) or type(exc).__name__
         status = getattr(exc, "status_code", None)
         return StoreError(
-            _scrub(
+            scrub(
                 f"{action} at {self.display_url} failed: HTTP {status} {code}",
                 self.credentials.secrets,
             )
@@ -992,16 +981,40 @@ def make_read_sas(
     )
 
 
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_DURATION = re.compile(r"^\s*(\d{1,9})\s*([smhd])\s*$")
+SAS_DEFAULT_MAX = timedelta(days=365)
+SAS_HARD_MAX = timedelta(days=3650)  # even with --allow-long-expiry
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(text: str) -> timedelta:
-    """`90s`, `30m`, `24h`, `7d` into a timedelta."""
+def parse_duration(text: str, *, maximum: timedelta | None = None) -> timedelta:
+    """`90s`, `30m`, `24h`, `7d` into a timedelta; above `maximum` is bad input, not a crash."""
     match = _DURATION.match(text.lower())
     if not match or int(match.group(1)) == 0:
         raise BadInputError(f"duration {text!r}: expected a positive number and s, m, h or d (24h)")
-    unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
-    return timedelta(**{unit: int(match.group(1))})
+    seconds = int(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if maximum is not None and seconds > maximum.total_seconds():
+        raise BadInputError(
+            f"duration {text!r} is longer than {maximum.days} days, the most this allows"
+        )
+    return timedelta(seconds=seconds)
+
+
+def sas_lifetime(text: str, *, allow_long: bool = False) -> timedelta:
+    """A read SAS's lifetime: at most a year, or ten years when the user says so explicitly.
+
+    A read token for the store outlives every pod that uses it and cannot be revoked except
+    by rotating the account key; a short one with rotation is the safe habit."""
+    limit = SAS_HARD_MAX if allow_long else SAS_DEFAULT_MAX
+    try:
+        return parse_duration(text, maximum=limit)
+    except BadInputError as exc:
+        if allow_long or "longer than" not in str(exc):
+            raise
+        raise BadInputError(
+            f"--expires-in {text}: a SAS lasts at most {SAS_DEFAULT_MAX.days} days unless you"
+            " pass --allow-long-expiry (up to ten years); prefer a short one and rotate it"
+        ) from None
 
 
 def write_secret_file(path: Path, text: str) -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from builder.errors import ToolFailedError
 
@@ -65,24 +63,3 @@ def run_uv(args: list[str], *, cwd: Path | None = None) -> Completed:
 
 def pip_compile_argv() -> list[str]:
     return [sys.executable, "-m", "piptools", "compile"]
-
-
-def redact_url(url: str) -> str:
-    """Drop user:password from a URL so it can be logged or written into a lock."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
-_URL_SECRET = re.compile(
-    r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?:[^/\s@]+@)?(?P<rest>[^\s?#'\"]*)(?:\?[^\s#'\"]*)?", re.I
-)
-
-
-def scrub_urls(text: str) -> str:
-    """Drop user:password and query strings (tokens, SAS) from every URL in a tool's output."""
-    return _URL_SECRET.sub(lambda m: m["scheme"] + m["rest"], text)

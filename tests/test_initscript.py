@@ -629,6 +629,8 @@ def _lock_text(artifacts: Artifacts) -> str:
         inputs="test",
         backend="uv",
         packages=tuple(packages),
+        interpreter="/usr/bin/python3",
+        install_dir=INSTALL_DIR,
         excluded=(Excluded("click", "8.1.7", ("alpha",)),),
     )
     return render_lock(lock, INSTALL_DIR)

@@ -76,6 +76,15 @@ BAD_PROFILES = [
     (lambda d: d["target"].update(platform="win_amd64"), "target.platform", "Linux platform"),
     (lambda d: d["target"].update(interpreter="python"), "target.interpreter", "absolute"),
     (lambda d: d["target"].update(base_image_bytes=-5), "target.base_image_bytes", "positive"),
+    (lambda d: d["target"].update(install_dir="/."), "target.install_dir", "'.'"),
+    (lambda d: d["target"].update(install_dir="/shared/../.."), "target.install_dir", "'..'"),
+    (lambda d: d["target"].update(install_dir="/"), "target.install_dir", "other than /"),
+    (lambda d: d["target"].update(install_dir="/usr"), "target.install_dir", "system folder"),
+    (lambda d: d["target"].update(install_dir="shared"), "target.install_dir", "absolute"),
+    (lambda d: d["target"].update(base_packages="bases/loop.txt"), "target.base_packages", "cannot read"),
+    (lambda d: d["target"].update(base_packages="bases/bad-utf8.txt"), "target.base_packages", "UTF-8"),
+    (lambda d: d["target"].update(base_packages="bases/bad-line.txt"), "target.base_packages", "line 2"),
+    (lambda d: d["target"].update(base_packages="a\u0000b"), "target.base_packages", "null"),
     (lambda d: d["heavy"].update(requirements=["numpy>>2"]), "heavy.requirements", "not a valid"),
     (lambda d: d["heavy"].update(requirements=[]), "heavy.requirements", "no requirement"),
     (lambda d: d.pop("heavy"), "heavy", "required"),
@@ -105,6 +114,9 @@ BAD_PROFILES = [
 
 def _profile_text(change, tmp_path: Path) -> Path:
     write_profile(tmp_path, heavy=["x==1"])  # for its base snapshot
+    (tmp_path / "bases" / "loop.txt").symlink_to(tmp_path / "bases" / "loop.txt")
+    (tmp_path / "bases" / "bad-utf8.txt").write_bytes(b"numpy==1.26.4\n\xff\xfe==1\n")
+    (tmp_path / "bases" / "bad-line.txt").write_text("numpy==1.26.4\nnot a pin\n")
     document = _valid()
     change(document)
     path = tmp_path / "bad.toml"

@@ -20,15 +20,16 @@ from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, gener
 
 from builder.errors import BadInputError, IntegrityError, NotPublishedError, StoreError
 from builder.manifest import blob_key, manifest_key
+from builder.secrets import scrub
 from builder.store import (
     AzureStore,
     FileStore,
     Store,
-    _scrub,
     default_store_url,
     make_read_sas,
     open_store,
     parse_store_url,
+    sas_expiry,
 )
 from tests.helpers import run_cli
 from tests.support.services import AzuriteEndpoint
@@ -334,10 +335,10 @@ def test_secrets_are_scrubbed_from_sdk_messages() -> None:
         "Max retries exceeded with url: /acct/c/blobs/x?sv=2024&sp=r&sig=AbC%2Bd%3D&se=1 "
         "(AccountKey=c2VjcmV0;EndpointSuffix=core.windows.net)"
     )
-    scrubbed = _scrub(message, ("verysecretvalue",))
+    scrubbed = scrub(message, ("verysecretvalue",))
     assert "AbC" not in scrubbed and "c2VjcmV0" not in scrubbed
     assert "sp=r" in scrubbed
-    assert _scrub("key verysecretvalue here", ("verysecretvalue",)) == "key *** here"
+    assert scrub("key verysecretvalue here", ("verysecretvalue",)) == "key *** here"
 
 
 def test_an_unreachable_store_fails_quickly_without_leaking_the_sas(
@@ -533,6 +534,34 @@ def test_sas_command_writes_a_private_token_file(
     assert len(printed_token.split()) == 1 and "sig=" in printed_token
     assert _status_of(f"{store.blob_url(sha)}?{printed_token}") == 200
     _assert_secret_free([printed.stderr], _signature(printed_token))
+
+
+def test_sas_expiry_is_capped_and_bad_durations_are_bad_input(
+    published: tuple[AzureStore, str, bytes], key_env: AzuriteEndpoint, tmp_path: Path
+) -> None:
+    store, _, _ = published
+    env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": key_env.connection_string}
+    out = tmp_path / "sas.txt"
+    for duration in ("2900000d", "99999999d", "366d", "1e9s", "-5d", "0h"):
+        result = run_cli(
+            "sas", store.display_url, "--expires-in", duration, "--out", str(out), env=env
+        )
+        assert result.returncode == 2, (duration, result.stderr)
+        assert "Traceback" not in result.stderr and not out.exists()
+    capped = run_cli("sas", store.display_url, "--expires-in", "400d", env=env)
+    assert "--allow-long-expiry" in capped.stderr
+    allowed = run_cli(
+        "sas", store.display_url, "--expires-in", "400d", "--allow-long-expiry",
+        "--out", str(out), "--json", env=env,
+    )  # fmt: skip
+    assert allowed.returncode == 0, allowed.stderr
+    expires = datetime.fromisoformat(allowed.json()["expires"].replace("Z", "+00:00"))
+    assert timedelta(days=399) < expires - datetime.now(timezone.utc) < timedelta(days=401)
+    assert sas_expiry(out.read_text()) == expires
+    too_long = run_cli(
+        "sas", store.display_url, "--expires-in", "4000d", "--allow-long-expiry", env=env
+    )
+    assert too_long.returncode == 2 and "3650 days" in too_long.stderr
 
 
 def test_sas_command_refuses_a_local_folder(tmp_path: Path) -> None:
