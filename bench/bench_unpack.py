@@ -106,7 +106,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     store = work / "store"
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    packed = pack(profile, lock_path=None, out_dir=store, on_progress=None)
+    packed = pack(profile, lock_path=None, out_dir=store)
     manifest = packed.manifest
     lock_path = profile.path.with_suffix(".lock")
     lock = read_lock(lock_path)

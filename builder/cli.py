@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ import click
 
 from builder import __version__
 from builder.errors import BadInputError, GpubuildError
+from builder.progress import Reporter, Step
 from builder.secrets import (
     malformed_userinfo,
     redact_url,
@@ -20,6 +22,7 @@ from builder.secrets import (
 )
 
 if TYPE_CHECKING:
+    from builder.initscript import Published
     from builder.resolve import IndexSettings
 
 
@@ -28,6 +31,7 @@ class GpubuildGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> object:
         register_environment()
+        previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             return super().invoke(ctx)
         except GpubuildError as exc:
@@ -38,11 +42,35 @@ class GpubuildGroup(click.Group):
             # a traceback.
             click.echo(f"gpubuild: error: {scrub(str(exc))}", err=True)
             ctx.exit(1)
+        except (Terminated, KeyboardInterrupt) as exc:
+            # Every stage cleans up in `finally` (work folders, partial files, child
+            # processes): by the time this runs, nothing half-written is left.
+            how = "SIGTERM" if isinstance(exc, Terminated) else "Ctrl-C"
+            click.echo(f"\ngpubuild: stopped by {how}; nothing half-written was kept", err=True)
+            ctx.exit(143 if isinstance(exc, Terminated) else 130)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        return None
 
 
-def report(message: str) -> None:
-    """Progress and results for a person: stderr, with every secret scrubbed."""
-    click.echo(scrub(message), err=True)
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that its cleanup runs (a container stop, a CI
+    job cancelled): the default action would end the process with no `finally` run."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+_reporter: Reporter | None = None
+
+
+def report(message: str | Step) -> None:
+    """Progress and results for a person: stderr, scrubbed, a bar for steps on a terminal."""
+    global _reporter
+    if _reporter is None or _reporter.stream is not sys.stderr:
+        _reporter = Reporter(sys.stderr)
+    _reporter(message)
 
 
 @click.group(cls=GpubuildGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -191,7 +219,8 @@ def resolve(
     required=True,
     help="Snapshot file to write (name==version lines).",
 )
-def base_snapshot(image: str, output: Path) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def base_snapshot(image: str, output: Path, as_json: bool) -> None:
     """List the Python distributions of IMAGE by running its own python through Docker.
 
     \b
@@ -204,7 +233,16 @@ def base_snapshot(image: str, output: Path) -> None:
 
     interpreter, packages = snapshot_image(docker_client(), image)
     write_atomically(output, render_snapshot(image, interpreter, packages))
-    click.echo(f"{len(packages)} distributions from {image} ({interpreter}) -> {output}", err=True)
+    report(f"{len(packages)} distributions from {image} ({interpreter}) -> {output}")
+    if as_json:
+        _emit_json(
+            {
+                "image": image,
+                "interpreter": interpreter,
+                "output": str(output),
+                "packages": packages,
+            }
+        )
 
 
 @main.command("publish-cache")
@@ -265,11 +303,11 @@ def publish_cache_command(
             f"{result.shards_uploaded} shard(s) {verb} ({result.bytes_uploaded / 1e6:,.1f} MB),"
             f" {result.shards_present} already there"
         )
-    click.echo(
+    report(
         f"{result.profile} {result.digest}: {summary}\n"
         f"  store:    {result.store}\n  manifest: {result.manifest_url}\n"
-        f"  size:     {result.bytes_total / 1e6:,.1f} MB in {len(result.manifest.shards)} shard(s)",
-        err=True,
+        f"  fetch:    gpubuild fetch {result.fetch_url} --into DIR\n"
+        f"  size:     {result.bytes_total / 1e6:,.1f} MB in {len(result.manifest.shards)} shard(s)"
     )
     if as_json:
         _emit_json(publish_document(result))
@@ -446,18 +484,29 @@ def pack_command(
 # --- builder.initscript / builder.k8s: init-script, k8s patch (owner: initscript.py, k8s.py) --
 
 
-def _published(profile: Path, store_url: str | None, lock_path: Path | None) -> object:
+def _published(
+    command: str, profile: Path, store_url: str | None, lock_path: Path | None
+) -> Published:
     from builder.initscript import find_published
     from builder.profile import load_profile
     from builder.store import default_store_url
 
-    return find_published(load_profile(profile), store_url or default_store_url(), lock_path)
+    if store_url is None:
+        # The default store is a folder in this machine's cache: a pod cannot read it, so
+        # output for a pod names its store explicitly (a file:// one too, when it is meant).
+        raise BadInputError(
+            f"{command} writes what runs in a pod, so it needs --store: the store the profile"
+            " was published to (az://ACCOUNT/CONTAINER/PREFIX or its https URL). Without it,"
+            f" the default would be this machine's local store ({default_store_url()}), which"
+            " no pod can read; pass --store file://... explicitly for a folder the pod mounts"
+        )
+    return find_published(load_profile(profile), store_url, lock_path)
 
 
 _STORE_HELP = (
-    "The store the profile was published to: file://PATH, az://ACCOUNT/CONTAINER/PREFIX or an "
-    "https blob URL (default: the local store). The script reads it at the same place unless "
-    "GPUBUILD_STORE_URL says otherwise."
+    "Required: the store the profile was published to: az://ACCOUNT/CONTAINER/PREFIX, an "
+    "https blob URL, or file://PATH for a folder the pod mounts. The script reads it at the "
+    "same place unless GPUBUILD_STORE_URL says otherwise."
 )
 
 
@@ -490,6 +539,7 @@ _STORE_HELP = (
 )
 @click.option("--image", metavar="IMAGE", help="The init image, for the snippet.")
 @click.option("--secret", metavar="NAME", help="A Secret whose key 'sas' holds the SAS.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def init_script_command(
     profile: Path,
     store_url: str | None,
@@ -499,6 +549,7 @@ def init_script_command(
     fallback: str | None,
     image: str | None,
     secret: str | None,
+    as_json: bool,
 ) -> None:
     """Write the initContainer script for PROFILE's published digest (and its k8s snippet).
 
@@ -514,25 +565,38 @@ def init_script_command(
       gpubuild init-script profiles/onnx-gpu.toml --store az://acct/gpubuild/prod \\
           -o init.sh --k8s-out init-container.yaml --secret gpubuild-sas
     """
-    from builder.initscript import Published, render_init_script, write_script
+    from builder.initscript import render_init_script, write_script
     from builder.k8s import pod_snippet, render_snippet
 
-    found = _published(profile, store_url, lock_path)
-    assert isinstance(found, Published)
+    found = _published("init-script", profile, store_url, lock_path)
     manifest = found.manifest
     text = render_init_script(
         manifest, found.store_base_url, fallback_lock=found.lock_text if fallback else None
     )
+    snippet = render_snippet(pod_snippet(manifest, image=image, secret=secret)) if k8s_out else ""
     write_script(output, text)
-    click.echo(
-        f"{manifest.profile} {manifest.digest[:12]}: {len(manifest.shards)} shards, "
-        f"{manifest.total_bytes / 1e6:,.1f} MB from {found.store_display_url} -> {output}",
-        err=True,
+    shards = len(manifest.shards)
+    report(
+        f"{manifest.profile} {manifest.digest[:12]}: {shards} shard{'s' * (shards != 1)}, "
+        f"{manifest.total_bytes / 1e6:,.1f} MB from {found.store_display_url} -> {output}"
     )
     if k8s_out:
-        snippet = render_snippet(pod_snippet(manifest, image=image, secret=secret))
         write_script(k8s_out, snippet, mode=0o644)
-        click.echo(f"Kubernetes snippet -> {k8s_out}", err=True)
+        report(f"Kubernetes snippet -> {k8s_out}")
+    if as_json:
+        _emit_json(
+            {
+                "profile": manifest.profile,
+                "digest": manifest.digest,
+                "store": found.store_display_url,
+                "script": str(output),
+                "snippet": str(k8s_out) if k8s_out else None,
+                "shards": shards,
+                "bytes": manifest.total_bytes,
+                "fallback": fallback,
+                "env": manifest.env,
+            }
+        )
 
 
 @main.group("k8s", cls=GpubuildGroup)
@@ -585,11 +649,9 @@ def k8s_patch_command(
           --profile profiles/onnx-gpu.toml --store az://acct/gpubuild/prod \\
           --image myacr.azurecr.io/data-ai/gpubuild-init:onnx-gpu --secret gpubuild-sas
     """
-    from builder.initscript import Published
     from builder.k8s import patch_ray_service, pod_snippet
 
-    found = _published(profile, store_url, lock_path)
-    assert isinstance(found, Published)
+    found = _published("k8s patch", profile, store_url, lock_path)
     snippet = pod_snippet(found.manifest, image=image, secret=secret)
     result = patch_ray_service(ray_service, group, snippet, write=not dry_run)
     for warning in result.warnings:

@@ -1,9 +1,15 @@
-"""Writing files so that a reader sees the old content or the new, never a part of it."""
+"""Files written so that a reader sees the old content or the new, never a part of it, and
+work folders that a killed run can leave behind without them piling up."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import shutil
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -27,3 +33,62 @@ def write_atomically(path: Path, data: str | bytes, *, mode: int | None = None) 
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+# --- work folders that a killed run leaves behind, and how they are swept ----------------------
+
+LOCK_NAME = ".lock"
+# Loose temporary files carry no lock: one untouched this long belongs to a dead writer (a live
+# one writes to it continuously).
+STALE_AFTER_SECONDS = 3600
+
+
+@contextlib.contextmanager
+def work_folder(parent: Path, prefix: str, *, patterns: tuple[str, ...] = ()) -> Iterator[Path]:
+    """A fresh folder `parent/<prefix>XXXX`, locked (flock) while this run uses it and removed
+    after; leftovers of dead runs with the same prefix (and old files matching `patterns`) are
+    swept first, never a live run's."""
+    parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(parent, prefix, patterns=patterns)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    lock = (folder / LOCK_NAME).open("w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        lock.close()
+
+
+def sweep_stale(parent: Path, prefix: str, *, patterns: tuple[str, ...] = ()) -> list[Path]:
+    """Remove `parent/<prefix>*` folders whose run is gone (their lock is free, or they have
+    none and are old) and loose temporary files matching `patterns` that nobody touched for an
+    hour. Returns what went."""
+    removed: list[Path] = []
+    now = time.time()
+    for folder in parent.glob(f"{prefix}*"):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        lock_path = folder / LOCK_NAME
+        try:
+            if lock_path.exists():
+                with lock_path.open("a") as lock:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # a live run holds it
+                    shutil.rmtree(folder, ignore_errors=True)
+            elif now - folder.stat().st_mtime > STALE_AFTER_SECONDS:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                continue
+        except OSError:
+            continue
+        removed.append(folder)
+    for pattern in patterns:
+        for path in parent.glob(pattern):
+            with contextlib.suppress(OSError):
+                if path.is_file() and now - path.stat().st_mtime > STALE_AFTER_SECONDS:
+                    path.unlink()
+                    removed.append(path)
+    return removed

@@ -7,6 +7,7 @@ complete, and the manifest, which is what every reader looks for, is written las
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -14,8 +15,8 @@ import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from collections.abc import Mapping
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from builder.errors import (
     PolicyViolationError,
     ToolFailedError,
 )
-from builder.files import write_atomically
+from builder.files import work_folder, write_atomically
 from builder.lock import Lock
 from builder.manifest import (
     Manifest,
@@ -42,6 +43,7 @@ from builder.manifest import (
     manifest_to_bytes,
 )
 from builder.profile import Profile
+from builder.progress import Progress, Step, silent
 from builder.resolve import IndexSettings, real_index_urls, resolve
 from builder.secrets import redact_url, scrub
 from builder.tools import run_uv
@@ -67,7 +69,11 @@ ZSTD_LEVEL = 3  # fast; the shards are written once and unpacked at every pod st
 FIXED_MTIME = 946_684_800
 _COPY_BUFFER = 2**20
 
-Progress = Callable[[str], None]
+WORK_PREFIX = ".pack-"
+# Temporary files an older gpubuild, or a killed store write, left in a store folder.
+LEFTOVERS = ("blobs/.shard-*.partial", "blobs/.*.tmp", "*/*/.manifest.json.*.partial")
+# uv's lines worth passing on while it installs (it prints them without a terminal too).
+_UV_PROGRESS = ("Downloading ", "Downloaded ", "Prepared ", "Installed ")
 _DEFAULT_SETTINGS = IndexSettings()
 
 
@@ -124,9 +130,14 @@ def _zstd_threads() -> int:
     return max(1, (os.cpu_count() or 1) // 2)
 
 
-def write_shard(tree: Path, plan: ShardPlan, entries: Mapping[str, Entry], blobs: Path) -> Shard:
-    """Stream one reproducible tar through zstd into blobs/, hashing both; no temporary tar."""
-    fd, temp_name = tempfile.mkstemp(dir=blobs, prefix=".shard-", suffix=".partial")
+def write_shard(
+    tree: Path, plan: ShardPlan, entries: Mapping[str, Entry], blobs: Path, work: Path
+) -> Shard:
+    """Stream one reproducible tar through zstd into blobs/, hashing both; no temporary tar.
+
+    The bytes go to a file in `work` (this run's locked work folder, on the same file system)
+    and are renamed into blobs/ when complete: a killed run leaves nothing in blobs/."""
+    fd, temp_name = tempfile.mkstemp(dir=work, prefix=".shard-", suffix=".partial")
     temp = Path(temp_name)
     try:
         # mkstemp makes 0600; a store folder is read by other users (a non-root init
@@ -196,10 +207,28 @@ def write_artifact(
     install_dir: str,
     packages: list[PackageEntry] | None = None,
     shard_threshold: int = DEFAULT_SHARD_THRESHOLD,
-    on_progress: Progress | None = None,
+    on_progress: Progress = silent,
+    work: Path | None = None,
 ) -> Manifest:
-    """Write the shards of an installed tree into out_dir/blobs and its manifest, last."""
-    report = on_progress or (lambda message: None)
+    """Write the shards of an installed tree into out_dir/blobs and its manifest, last.
+
+    `work`: a locked work folder in out_dir for partial shards (one is made when None)."""
+    if work is None:
+        with work_folder(out_dir, WORK_PREFIX, patterns=LEFTOVERS) as fresh:
+            return write_artifact(
+                tree,
+                out_dir,
+                profile=profile,
+                digest=digest,
+                python=python,
+                platform=platform,
+                install_dir=install_dir,
+                packages=packages,
+                shard_threshold=shard_threshold,
+                on_progress=on_progress,
+                work=fresh,
+            )
+    report = on_progress
     listing = list_tree(tree)
     distributions = read_distributions(tree, listing)
     ownership = assign_owners(listing, distributions)
@@ -225,7 +254,7 @@ def write_artifact(
     blobs = out_dir / "blobs"
     blobs.mkdir(parents=True, exist_ok=True)
     entries = {entry.path: entry for entry in listing.entries}
-    shards = _write_shards(tree, plans, entries, blobs, listing.total_bytes, report)
+    shards = _write_shards(tree, plans, entries, blobs, work, listing.total_bytes, report)
     manifest = Manifest(
         digest=digest,
         profile=profile,
@@ -252,6 +281,7 @@ def _write_shards(
     plans: list[ShardPlan],
     entries: Mapping[str, Entry],
     blobs: Path,
+    work: Path,
     total: int,
     report: Progress,
 ) -> list[Shard]:
@@ -263,9 +293,10 @@ def _write_shards(
     shards: list[Shard] = []
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard")
     try:
-        pending = {pool.submit(_timed_shard, tree, plan, entries, blobs) for plan in order}
+        pending = {pool.submit(_timed_shard, tree, plan, entries, blobs, work) for plan in order}
         while pending:
-            done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            # Each shard is reported when it is done, not when the last one is.
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 error = future.exception()
                 if error is not None:
@@ -277,32 +308,36 @@ def _write_shards(
                 shard, seconds = future.result()
                 shards.append(shard)
                 report(
-                    f"shard {len(shards)}/{len(order)} {', '.join(shard.packages) or '(leftovers)'}:"
-                    f" {_mb(shard.raw_bytes)} -> {_mb(shard.bytes)} in {seconds:.1f} s"
-                    f" ({_rate(shard.raw_bytes, seconds)})"
+                    Step(
+                        len(shards),
+                        len(order),
+                        f"shard {', '.join(shard.packages) or '(files no distribution claims)'}:"
+                        f" {_mb(shard.raw_bytes)} -> {_mb(shard.bytes)} in {seconds:.1f} s"
+                        f" ({_rate(shard.raw_bytes, seconds)})",
+                    )
                 )
     finally:
-        # Also on Ctrl-C: shards not started yet never start.
+        # Also on Ctrl-C or SIGTERM: shards not started yet never start.
         pool.shutdown(wait=True, cancel_futures=True)
     seconds = time.monotonic() - started
     raw = sum(s.raw_bytes for s in shards)
     report(
-        f"packed {len(shards)} shards: {_mb(raw)} -> {_mb(sum(s.bytes for s in shards))}"
-        f" in {seconds:.1f} s ({_rate(raw, seconds)})"
+        f"packed {len(shards)} shard{'s' * (len(shards) != 1)}: {_mb(raw)} ->"
+        f" {_mb(sum(s.bytes for s in shards))} in {seconds:.1f} s ({_rate(raw, seconds)})"
     )
     return shards
 
 
 def _timed_shard(
-    tree: Path, plan: ShardPlan, entries: Mapping[str, Entry], blobs: Path
+    tree: Path, plan: ShardPlan, entries: Mapping[str, Entry], blobs: Path, work: Path
 ) -> tuple[Shard, float]:
     started = time.monotonic()
-    shard = write_shard(tree, plan, entries, blobs)
+    shard = write_shard(tree, plan, entries, blobs, work)
     return shard, time.monotonic() - started
 
 
 def _mb(count: int) -> str:
-    return f"{count / 1e6:.1f} MB"
+    return f"{count / 1e3:.1f} kB" if count < 100_000 else f"{count / 1e6:.1f} MB"
 
 
 def _rate(count: int, seconds: float) -> str:
@@ -367,13 +402,13 @@ def materialise(
     platform: str,
     real_urls: Mapping[str, str] | None = None,
     default_url: str | None = None,
-    on_progress: Progress | None = None,
+    on_progress: Progress = silent,
 ) -> None:
     """Install the lock into the empty folder `dest` for the target, without building anything.
 
     `real_urls` and `default_url` as for `install_passes`.
     """
-    report = on_progress or (lambda message: None)
+    report = on_progress
     dest.mkdir(parents=True, exist_ok=True)
     if any(dest.iterdir()):
         raise GpubuildError(f"{dest} is not empty; uv --target is only safe into an empty folder")
@@ -395,9 +430,15 @@ def materialise(
             ]  # fmt: skip
             if step.index_url:
                 args += ["--default-index", step.index_url]
-            completed = run_uv(args)
+            completed = run_uv(args, on_line=lambda line: _uv_line(line, report))
             if completed.returncode != 0:
                 raise _install_error(completed.stderr, lock_path, dest, shown)
+
+
+def _uv_line(line: str, report: Progress) -> None:
+    text = line.strip()
+    if text.startswith(_UV_PROGRESS):
+        report(f"  uv: {text}")
 
 
 def _install_error(stderr: str, lock_path: Path, dest: Path, index: str) -> GpubuildError:
@@ -485,11 +526,11 @@ def pack(
     lock_path: Path | None,
     out_dir: Path,
     settings: IndexSettings = _DEFAULT_SETTINGS,
-    on_progress: Progress | None = None,
+    on_progress: Progress = silent,
     shard_threshold: int = DEFAULT_SHARD_THRESHOLD,
 ) -> PackResult:
     """Resolve when needed, then materialise, fix, check and write the artifact of the lock."""
-    report = on_progress or (lambda message: None)
+    report = on_progress
     resolved = resolve(profile, lock_path=lock_path, settings=settings)
     lock = resolved.lock
     digest = lock.digest()
@@ -498,47 +539,47 @@ def pack(
     if existing is not None:
         report(f"{profile.name} {digest[:16]} is already packed in {out_dir}")
         return PackResult(existing, manifest_path, out_dir, reused=True)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # Inside out_dir: the same filesystem, so the tree is never copied across disks.
-        work = Path(tempfile.mkdtemp(prefix=".pack-", dir=out_dir))
-    except OSError as exc:
-        raise _disk_error(exc, out_dir, "creating a work folder", 0) from None
-    try:
-        tree = work / "tree"
-        materialise(
-            resolved.lock_path,
-            lock,
-            tree,
-            python=lock.python,
-            platform=lock.platform,
-            real_urls=real_index_urls(profile, settings),
-            default_url=settings.default_url,
-            on_progress=report,
-        )
-        fixes = fix_tree(tree, profile.target.interpreter)
-        report(
-            f"fixed the tree: {len(fixes.shebangs)} shebang(s) rewritten,"
-            f" {len(fixes.removed)} cache file(s)/folder(s) removed"
-        )
-        for note in fixes.pth_notes:
-            report(f"note: {note}")
-        check_tree(tree, lock, profile)
-        manifest = write_artifact(
-            tree,
-            out_dir,
-            profile=profile.name,
-            digest=digest,
-            python=lock.python,
-            platform=lock.platform,
-            install_dir=profile.target.install_dir,
-            shard_threshold=shard_threshold,
-            on_progress=report,
-        )
-    except OSError as exc:  # fixing the tree; uv and the shard writer report their own
-        raise _disk_error(exc, out_dir, "fixing the installed tree", 0) from None
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        try:
+            # Inside out_dir: the same filesystem, so the tree is never copied across disks.
+            # The folder is locked while this run lives; a killed run's is swept by the next.
+            work = stack.enter_context(work_folder(out_dir, WORK_PREFIX, patterns=LEFTOVERS))
+        except OSError as exc:
+            raise _disk_error(exc, out_dir, "creating a work folder", 0) from None
+        try:
+            tree = work / "tree"
+            materialise(
+                resolved.lock_path,
+                lock,
+                tree,
+                python=lock.python,
+                platform=lock.platform,
+                real_urls=real_index_urls(profile, settings),
+                default_url=settings.default_url,
+                on_progress=report,
+            )
+            fixes = fix_tree(tree, profile.target.interpreter)
+            report(
+                f"fixed the tree: {len(fixes.shebangs)} shebang(s) rewritten,"
+                f" {len(fixes.removed)} cache file(s)/folder(s) removed"
+            )
+            for note in fixes.pth_notes:
+                report(f"note: {note}")
+            check_tree(tree, lock, profile)
+            manifest = write_artifact(
+                tree,
+                out_dir,
+                profile=profile.name,
+                digest=digest,
+                python=lock.python,
+                platform=lock.platform,
+                install_dir=profile.target.install_dir,
+                shard_threshold=shard_threshold,
+                on_progress=report,
+                work=work,
+            )
+        except OSError as exc:  # fixing the tree; uv and the shard writer report their own
+            raise _disk_error(exc, out_dir, "fixing the installed tree", 0) from None
     return PackResult(manifest, manifest_path, out_dir, reused=False)
 
 

@@ -40,6 +40,11 @@ class PublishResult:
     packed_in: Path | None
     manifest: Manifest
 
+    @property
+    def fetch_url(self) -> str:
+        """What `gpubuild fetch` takes: STORE/PROFILE/DIGEST."""
+        return f"{self.store.rstrip('/')}/{self.profile}/{self.digest}"
+
 
 def missing_shards(store: Store, shards: tuple[Shard, ...]) -> list[Shard]:
     """Shards the store lacks (or holds at the wrong size, which put_blob then repairs)."""
@@ -181,6 +186,7 @@ def publish_document(result: PublishResult) -> dict[str, object]:
         "digest": result.digest,
         "store": result.store,
         "manifest_url": result.manifest_url,
+        "fetch_url": result.fetch_url,
         "bytes": result.bytes_total,
         "bytes_uploaded": result.bytes_uploaded,
         "shards": len(result.manifest.shards),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -48,17 +52,72 @@ class Completed:
 
 
 def run_tool(
-    argv: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+    argv: list[str],
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> Completed:
+    """Run a program to its end; `on_line` sees each line of its stderr as it comes.
+
+    The program runs in a session of its own, and whatever stops this call (Ctrl-C, SIGTERM
+    turned into an exception by the CLI, an error) stops the program and its children too:
+    an orphaned uv would go on writing into a folder that is being cleaned up.
+    """
     try:
-        proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            start_new_session=True,
+        )
     except OSError as exc:
         raise ToolFailedError(f"cannot run {argv[0]}: {exc}") from None
-    return Completed(proc.returncode, proc.stdout, proc.stderr)
+    try:
+        if on_line is None:
+            stdout, stderr = proc.communicate()
+        else:
+            stdout, stderr = _stream(proc, on_line)
+    except BaseException:
+        stop_process_group(proc)
+        raise
+    return Completed(proc.returncode, stdout, stderr)
 
 
-def run_uv(args: list[str], *, cwd: Path | None = None) -> Completed:
-    return run_tool([uv_bin(), *args], cwd=cwd, env=uv_env())
+def _stream(proc: subprocess.Popen[str], on_line: Callable[[str], None]) -> tuple[str, str]:
+    assert proc.stdout is not None and proc.stderr is not None
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader.start()
+    err: list[str] = []
+    for line in proc.stderr:
+        err.append(line)
+        on_line(line.rstrip("\n"))
+    proc.wait()
+    reader.join()
+    return "".join(out), "".join(err)
+
+
+def stop_process_group(proc: subprocess.Popen[str], grace: float = 5.0) -> None:
+    """SIGTERM the program's whole session, then SIGKILL what is left after `grace` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_uv(
+    args: list[str], *, cwd: Path | None = None, on_line: Callable[[str], None] | None = None
+) -> Completed:
+    return run_tool([uv_bin(), *args], cwd=cwd, env=uv_env(), on_line=on_line)
 
 
 def pip_compile_argv() -> list[str]:

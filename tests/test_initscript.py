@@ -12,7 +12,6 @@ import io
 import os
 import random
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from builder.store import make_read_sas, open_store
 from builder.tools import run_uv
 from tests.helpers import REPO, run_cli, write_profile
 from tests.support.faults import Cut, ScriptedStore, Serve, blob_path
+from tests.support.processes import kill_tree
 from tests.support.services import free_port, nginx_serving
 from tests.support.users import NONROOT_UID, as_nonroot, give_to_nonroot, is_root, nonroot_folder
 from tests.support.wheels import build_wheel
@@ -321,48 +321,6 @@ class FaultyStore:
 
 def big_shard(manifest: Manifest) -> str:
     return max(manifest.shards, key=lambda s: s.bytes).sha256
-
-
-def descendants(pid: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found: set[int] = set()
-    pending = [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            if child not in found:
-                found.add(child)
-                pending.append(child)
-    return found
-
-
-def kill_tree(proc: subprocess.Popen[str]) -> None:
-    """SIGKILL the script and everything it started, as a container's end would: freeze them
-    first (SIGSTOP) so that none can start another process in between."""
-    pids = {proc.pid}
-    while True:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-        grown = pids | descendants(proc.pid) | {d for p in pids for d in descendants(p)}
-        if grown == pids:
-            break
-        pids = grown
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() for pid in pids - {proc.pid}):
-        assert time.monotonic() < deadline, "killed processes did not go away"
-        time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -1207,6 +1165,27 @@ def test_cli_init_script_writes_script_and_snippet(artifacts: Artifacts, tmp_pat
     )
     assert stale.returncode == 2 and "is stale" in stale.stderr
     assert not (tmp_path / "s.sh").exists()
+
+
+def test_pod_side_output_needs_an_explicit_store(tmp_path: Path) -> None:
+    """The default store is this machine's cache folder: init-script and k8s patch must not
+    bake it into what a pod runs unless the user names a store."""
+    profile = write_profile(tmp_path / "profiles", heavy=["alpha"], name=PROFILE)
+    service = tmp_path / "ray-service.yaml"
+    shutil.copy(REPO / "tests" / "data" / "ray-service.yaml", service)
+    before = service.read_bytes()
+    script = tmp_path / "init.sh"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    for args in (
+        ["init-script", str(profile), "-o", str(script)],
+        ["k8s", "patch", str(service), "--group", "gpu", "--profile", str(profile)],
+    ):
+        result = run_cli(*args, env=env)
+        assert result.returncode == 2, result.stderr
+        assert "--store" in result.stderr and "no pod can read" in result.stderr
+        assert str(tmp_path / "cache") in result.stderr
+    assert not script.exists()
+    assert service.read_bytes() == before
 
 
 def read_lock_text(text: str, folder: Path) -> Lock:

@@ -415,7 +415,9 @@ def test_pack_installs_a_routed_package_from_its_own_index_only(
         indexes=[{"name": "second", "url": second, "packages": ["routed-pkg"]}],
     )
     messages: list[str] = []
-    result = _pack(profile, index, tmp_path / "store", on_progress=messages.append)
+    result = _pack(
+        profile, index, tmp_path / "store", on_progress=lambda m: messages.append(str(m))
+    )
     assert {p.name for p in result.manifest.packages} == {"routed-pkg", "small-a"}
     assert sum("installing 1 package(s)" in m for m in messages) == 2, messages
 
@@ -509,7 +511,7 @@ def test_pack_writes_a_manifest_the_pod_can_use(
     profile = _profile(tmp_path)
     out = tmp_path / "store"
     messages: list[str] = []
-    result = _pack(profile, index, out, on_progress=messages.append)
+    result = _pack(profile, index, out, on_progress=lambda m: messages.append(str(m)))
     manifest = result.manifest
     assert not result.reused
     assert result.manifest_path == out / manifest_key(profile.name, manifest.digest)

@@ -78,6 +78,9 @@ class ScriptedStore:
             def do_GET(self) -> None:
                 store._handle(self)
 
+            def do_HEAD(self) -> None:
+                store._head(self)
+
             def log_message(self, *args: object) -> None:
                 pass
 
@@ -110,6 +113,22 @@ class ScriptedStore:
         with self._lock:
             self.log.append(Served(path, status, start, sent, time.monotonic()))
 
+    def _head(self, handler: http.server.BaseHTTPRequestHandler) -> None:
+        """HEAD answers from the file as it is; faults are for the GETs that follow."""
+        path = handler.path.split("?", 1)[0]
+        file = self.root / path.lstrip("/")
+        if file.is_dir():
+            file = file / "index.html"
+        if not file.is_file():
+            handler.send_response(404)
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+            return
+        handler.send_response(200)
+        handler.send_header("Accept-Ranges", "bytes")
+        handler.send_header("Content-Length", str(file.stat().st_size))
+        handler.end_headers()
+
     def _handle(self, handler: http.server.BaseHTTPRequestHandler) -> None:
         path = handler.path.split("?", 1)[0]
         fault = self._next_fault(path)
@@ -122,6 +141,8 @@ class ScriptedStore:
             self._record(path, fault.code, 0, 0)
             return
         file = self.root / path.lstrip("/")
+        if file.is_dir():  # a package index's project pages
+            file = file / "index.html"
         if isinstance(fault, Serve) and fault.body is not None:
             data = fault.body
         elif file.is_file():
@@ -145,6 +166,8 @@ class ScriptedStore:
         body = data[start:]
         status = 206 if start else 200
         handler.send_response(status)
+        kind = "text/html" if file.name.endswith(".html") else "application/octet-stream"
+        handler.send_header("Content-Type", kind)
         if start:
             handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         handler.send_header("Accept-Ranges", "bytes")
