@@ -196,8 +196,23 @@ def files_bytes(paths: Iterable[Path]) -> int:
     return total
 
 
-def context_bytes(context: Path) -> int:
-    """What `docker build CONTEXT` sends: the folder minus what .dockerignore excludes."""
+@dataclass(frozen=True)
+class ContextSize:
+    """What `docker build CONTEXT` sends, and which top-level entries weigh most."""
+
+    bytes: int
+    largest: tuple[tuple[str, int], ...]  # (top-level entry, bytes), heaviest first
+    dockerignore: bool  # whether the context has a .dockerignore
+
+    def describe(self) -> str:
+        if not self.largest or self.bytes == 0:
+            return ""
+        heavy = [f"{name} {human_size(size)}" for name, size in self.largest[:3]]
+        return "mostly " + ", ".join(heavy)
+
+
+def measure_context(context: Path) -> ContextSize:
+    """The build context as docker sends it: the folder minus what .dockerignore excludes."""
     from docker.utils.build import exclude_paths
 
     ignore = context / ".dockerignore"
@@ -208,9 +223,16 @@ def context_bytes(context: Path) -> int:
             for line in ignore.read_text(encoding="utf-8").splitlines()
             if line.strip() and not line.strip().startswith("#")
         ]
-    total = 0
+    by_entry: dict[str, int] = {}
     for relative in exclude_paths(str(context), patterns):
         item = context / relative
         if item.is_file() and not item.is_symlink():
-            total += item.stat().st_size
-    return total
+            top = Path(relative).parts[0]
+            by_entry[top] = by_entry.get(top, 0) + item.stat().st_size
+    largest = tuple(sorted(by_entry.items(), key=lambda pair: (-pair[1], pair[0])))
+    return ContextSize(sum(by_entry.values()), largest, ignore.is_file())
+
+
+def context_bytes(context: Path) -> int:
+    """What `docker build CONTEXT` sends: the folder minus what .dockerignore excludes."""
+    return measure_context(context).bytes

@@ -261,12 +261,19 @@ def base_snapshot(image: str, output: Path, as_json: bool) -> None:
     help="The lock (default: <profile>.lock beside the profile); resolved when missing or stale.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option(
+    "--repair",
+    is_flag=True,
+    help="Re-hash every blob of this digest in the store (and the local pack) instead of "
+    "trusting sizes, and upload good copies of damaged ones.",
+)
 @index_options
 def publish_cache_command(
     profile: Path,
     store_url: str | None,
     lock_path: Path | None,
     as_json: bool,
+    repair: bool,
     index_url: str | None,
     index_overrides: tuple[str, ...],
 ) -> None:
@@ -275,6 +282,8 @@ def publish_cache_command(
     \b
     Uploads only the shards the store lacks, then the manifest last, so readers never
     see a half-published digest. Already published and intact: uploads nothing.
+    "Intact" compares sizes; --repair re-hashes the blobs and replaces damaged ones (what
+    a pod's "sha256 mismatch" asks for).
     Azure credentials, in this order: AZURE_STORAGE_CONNECTION_STRING, a SAS
     (AZURE_STORAGE_SAS_TOKEN or the URL's query), DefaultAzureCredential.
 
@@ -292,9 +301,17 @@ def publish_cache_command(
         loaded,
         store_url=store_url or default_store_url(),
         lock_path=lock_path,
-        settings=_index_settings(index_url, index_overrides),  # type: ignore[arg-type]
+        settings=_index_settings(index_url, index_overrides),
         on_progress=report,
+        repair=repair,
     )
+    if result.repaired:
+        report(
+            f"repaired {len(result.repaired)} damaged blob(s): "
+            + ", ".join(shard.sha256[:16] for shard in result.repaired)
+        )
+    elif repair:
+        report("repair: every blob of this digest matches its sha256")
     if result.already_published:
         summary = "already published, nothing uploaded"
     else:
@@ -746,6 +763,13 @@ def _worker_options(command: object) -> object:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Where to write the Dockerfile (default: print it on stdout).",
 )
+@click.option(
+    "--dockerignore",
+    "write_dockerignore",
+    is_flag=True,
+    help="Write CONTEXT/.dockerignore sending only what the Dockerfile copies, when the "
+    "context has none (without it, the one that would do so is printed).",
+)
 def dockerfile_command(
     profile: Path,
     code: tuple[Path, ...],
@@ -757,6 +781,7 @@ def dockerfile_command(
     index_overrides: tuple[str, ...],
     as_json: bool,
     output: Path | None,
+    write_dockerignore: bool,
 ) -> None:
     """Write the slim worker Dockerfile for PROFILE and check the build's disk budget.
 
@@ -788,16 +813,30 @@ def dockerfile_command(
         budget_bytes=int(budget_gb * GB),
         output=output,
         on_progress=report,
+        write_dockerignore=write_dockerignore,
     )
-    click.echo(worker_text(result.plan), err=True)
-    click.echo(render_budget(result.budget), err=True)
+    report(worker_text(result.plan))
+    report(render_budget(result.budget))
+    if result.dockerignore_written is not None:
+        report(f".dockerignore written: {result.dockerignore_written}")
+    elif not result.context.dockerignore:
+        report(
+            f"{context} has no .dockerignore, so docker sends all of it to the daemon"
+            + (f" ({result.context.describe()})" if result.context.describe() else "")
+            + ". This one sends only what the Dockerfile copies (write it with --dockerignore):\n"
+            + "".join(f"    {line}\n" for line in result.dockerignore.splitlines()).rstrip("\n")
+        )
     if output is not None:
-        click.echo(f"Dockerfile written: {output}", err=True)
+        report(f"Dockerfile written: {output}")
     if as_json:
         _emit_json(
             {
                 **worker_document(result.plan),
                 "dockerfile": str(output) if output else None,
+                "dockerignore": str(result.dockerignore_written)
+                if result.dockerignore_written
+                else None,
+                "context_bytes": result.context.bytes,
                 "budget": budget_document(result.budget),
             }
         )

@@ -19,9 +19,10 @@ from pathlib import Path, PurePosixPath
 from builder.budget import (
     DEFAULT_BUDGET_BYTES,
     Budget,
-    context_bytes,
+    ContextSize,
     files_bytes,
     human_size,
+    measure_context,
     render_budget,
 )
 from builder.errors import BadInputError
@@ -401,6 +402,26 @@ class DockerfileResult:
     plan: WorkerPlan
     budget: Budget
     output: Path | None
+    context: ContextSize
+    dockerignore: str  # the .dockerignore that sends only what the Dockerfile copies
+    dockerignore_written: Path | None
+
+
+def dockerignore_text(plan: WorkerPlan) -> str:
+    """A .dockerignore that keeps everything out of the build context but what the Dockerfile
+    COPYs: a virtualenv or a data folder beside the code then never reaches the daemon."""
+    keep = [copy.source for copy in plan.spec.code]
+    keep += list(plan.spec.certs)
+    if plan.spec.light_lock is not None and plan.spec.light_count:
+        keep.append(plan.spec.light_lock)
+    lines = [
+        f"# Written by gpubuild dockerfile for profile {plan.profile.name}: the image copies"
+        " only these,",
+        "# so nothing else goes to the Docker daemon (regenerate it when --code changes).",
+        "*",
+        *(f"!{path}" for path in sorted(set(keep))),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def generate_dockerfile(
@@ -415,8 +436,12 @@ def generate_dockerfile(
     budget_bytes: int = DEFAULT_BUDGET_BYTES,
     output: Path | None = None,
     on_progress: Progress | None = None,
+    write_dockerignore: bool = False,
 ) -> DockerfileResult:
-    """Plan, check the disk budget (as CI builds and pushes it), then write the Dockerfile."""
+    """Plan, check the disk budget (as CI builds and pushes it), then write the Dockerfile.
+
+    `write_dockerignore`: write the proposed .dockerignore into the context when it has none
+    (the budget then counts the context it sends)."""
     from builder.image import engine_or_none, over_budget_error, plan_budget
 
     plan = plan_worker(
@@ -429,11 +454,27 @@ def generate_dockerfile(
         max_light_bytes=max_light_bytes,
         on_progress=on_progress,
     )
+    proposal = dockerignore_text(plan)
+    ignore_path = context / ".dockerignore"
+    written = None
+    if write_dockerignore and not ignore_path.exists():
+        write_atomically(ignore_path, proposal)
+        written = ignore_path
+    measured = measure_context(context)
+    if measured.dockerignore:
+        source = f"measured: {context} as docker build sends it (.dockerignore applied)"
+    else:
+        source = (
+            f"measured: {context} as docker build sends it, with no .dockerignore"
+            + (f" ({measured.describe()})" if measured.describe() else "")
+            + f"; one that sends only what the Dockerfile copies would send"
+            f" {human_size(plan.copied_bytes)} (--dockerignore writes it)"
+        )
     budget = plan_budget(
         plan,
         base_image=profile.target.base_image,
-        context_bytes=context_bytes(context),
-        context_source=f"measured: {context} as docker build sends it (.dockerignore applied)",
+        context_bytes=measured.bytes,
+        context_source=source,
         engine=engine_or_none(),
         push=True,
         budget_bytes=budget_bytes,
@@ -442,4 +483,4 @@ def generate_dockerfile(
         raise over_budget_error(budget, render_budget(budget))
     if output is not None:
         write_atomically(output, plan.text)
-    return DockerfileResult(plan, budget, output)
+    return DockerfileResult(plan, budget, output, measured, proposal, written)

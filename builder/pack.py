@@ -83,6 +83,7 @@ class PackResult:
     manifest_path: Path
     out_dir: Path
     reused: bool
+    repaired: tuple[Shard, ...] = ()  # damaged blobs that a repair packed again
 
 
 # --- shards -----------------------------------------------------------------------------------

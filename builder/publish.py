@@ -7,22 +7,22 @@ again, and two publishers of one digest at once both succeed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.errors import NotPublishedError
+from builder.errors import IntegrityError, NotPublishedError
 from builder.manifest import Manifest, Shard, blob_key, manifest_from_bytes, manifest_to_bytes
-from builder.pack import default_store_dir, pack
+from builder.pack import PackResult, default_store_dir, pack
 from builder.profile import Profile
+from builder.progress import Progress, Step, silent
 from builder.resolve import IndexSettings, resolve
 from builder.store import FileStore, Store, open_store
 
-Progress = Callable[[str], None]
 UPLOAD_WORKERS = 4
 
 
@@ -39,6 +39,7 @@ class PublishResult:
     already_published: bool
     packed_in: Path | None
     manifest: Manifest
+    repaired: tuple[Shard, ...] = ()  # blobs whose damaged copies --repair replaced
 
     @property
     def fetch_url(self) -> str:
@@ -95,9 +96,14 @@ def publish_cache(
     lock_path: Path | None = None,
     settings: IndexSettings | None = None,
     pack_dir: Path | None = None,
-    on_progress: Progress | None = None,
+    on_progress: Progress = silent,
+    repair: bool = False,
 ) -> PublishResult:
-    report = on_progress or (lambda message: None)
+    """Publish the profile's current lock: resolve and pack when needed, upload what is missing.
+
+    `repair`: re-hash what the store holds for this digest (and the local pack) instead of
+    trusting sizes, and write again every blob whose bytes differ."""
+    report = on_progress
     settings = settings or IndexSettings()
     store = open_store(store_url)
     # Reach the store before spending minutes on resolve and pack: an unreachable store or
@@ -105,7 +111,7 @@ def publish_cache(
     store.has_blob("0" * 64)
     lock = resolve(profile, lock_path=lock_path, settings=settings).lock
     digest = lock.digest()
-    existing = published_manifest(store, profile.name, digest)
+    existing = None if repair else published_manifest(store, profile.name, digest)
     if existing is not None:
         report(f"{profile.name} {digest[:16]} is already published in {store}: nothing to upload")
         return _result(store, existing, uploaded=[], present=len(existing.shards), packed_in=None)
@@ -116,6 +122,8 @@ def publish_cache(
     packed = pack(
         profile, lock_path=lock_path, out_dir=local_root, settings=settings, on_progress=report
     )
+    if repair:
+        packed = _repair_local_pack(profile, lock_path, local_root, settings, packed, report)
     manifest = packed.manifest
     if isinstance(store, FileStore):
         written = [s for s in manifest.shards if blob_key(s.sha256) not in blobs_before]
@@ -125,9 +133,12 @@ def publish_cache(
             uploaded=written,
             present=len(manifest.shards) - len(written),
             packed_in=local_root,
+            repaired=packed.repaired if repair else (),
         )
 
-    todo = missing_shards(store, manifest.shards)
+    todo = damaged_shards(store, manifest.shards, report) if repair else []
+    repaired = tuple(todo)
+    todo += [s for s in missing_shards(store, manifest.shards) if s not in todo]
     total = sum(shard.bytes for shard in todo)
     report(
         f"uploading {len(todo)} of {len(manifest.shards)} shard(s), {total / 1e6:,.1f} MB,"
@@ -136,7 +147,8 @@ def publish_cache(
     meter = _Meter(total, report)
 
     def upload(shard: Shard) -> bool:
-        return store.put_blob(shard.sha256, local_root / blob_key(shard.sha256), meter)
+        local = local_root / blob_key(shard.sha256)
+        return store.put_blob(shard.sha256, local, meter, overwrite=shard in repaired)
 
     with ThreadPoolExecutor(max_workers=UPLOAD_WORKERS) as pool:
         sent = list(pool.map(upload, todo))
@@ -151,7 +163,50 @@ def publish_cache(
         uploaded=uploaded,
         present=len(manifest.shards) - len(uploaded),
         packed_in=local_root,
+        repaired=repaired,
     )
+
+
+def damaged_shards(store: Store, shards: tuple[Shard, ...], report: Progress) -> list[Shard]:
+    """Shards whose bytes in the store are not their sha256 (missing ones are not listed)."""
+    damaged = []
+    for number, shard in enumerate(shards, start=1):
+        found = store.blob_digest(shard.sha256)
+        if found is not None and found != (shard.sha256, shard.bytes):
+            damaged.append(shard)
+            report(
+                f"damaged in {store}: {blob_key(shard.sha256)} ({found[1]:,} bytes, sha256 {found[0][:16]})"
+            )
+        report(Step(number, len(shards), f"checked {blob_key(shard.sha256)[:24]}..."))
+    return damaged
+
+
+def _repair_local_pack(
+    profile: Profile,
+    lock_path: Path | None,
+    local_root: Path,
+    settings: IndexSettings,
+    packed: PackResult,
+    report: Progress,
+) -> PackResult:
+    """The local pack with every blob re-hashed; damaged ones are packed again."""
+    local = FileStore(local_root)
+    damaged = damaged_shards(local, packed.manifest.shards, report)
+    if not damaged:
+        return packed
+    for shard in damaged:
+        (local_root / blob_key(shard.sha256)).unlink()
+    report(f"packing again: {len(damaged)} damaged local blob(s) in {local_root}")
+    repacked = pack(
+        profile, lock_path=lock_path, out_dir=local_root, settings=settings, on_progress=report
+    )
+    still = damaged_shards(local, repacked.manifest.shards, report)
+    if still:
+        raise IntegrityError(
+            f"{local_root}: packing again gave blobs whose bytes are not their names"
+            f" ({', '.join(blob_key(s.sha256) for s in still)}); the disk may be failing"
+        )
+    return dataclasses.replace(repacked, repaired=tuple(damaged))
 
 
 def _local_blobs(root: Path) -> set[str]:
@@ -162,7 +217,13 @@ def _local_blobs(root: Path) -> set[str]:
 
 
 def _result(
-    store: Store, manifest: Manifest, *, uploaded: list[Shard], present: int, packed_in: Path | None
+    store: Store,
+    manifest: Manifest,
+    *,
+    uploaded: list[Shard],
+    present: int,
+    packed_in: Path | None,
+    repaired: tuple[Shard, ...] = (),
 ) -> PublishResult:
     return PublishResult(
         profile=manifest.profile,
@@ -176,6 +237,7 @@ def _result(
         already_published=packed_in is None,
         packed_in=packed_in,
         manifest=manifest,
+        repaired=repaired,
     )
 
 
@@ -192,5 +254,6 @@ def publish_document(result: PublishResult) -> dict[str, object]:
         "shards": len(result.manifest.shards),
         "shards_uploaded": result.shards_uploaded,
         "already_published": result.already_published,
+        "repaired": [shard.sha256 for shard in result.repaired],
         "env": result.manifest.env,
     }

@@ -16,6 +16,7 @@ import io
 import ipaddress
 import os
 import re
+import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -313,7 +314,7 @@ def choose_credentials(location: AzureLocation, *, sas: str | None = None) -> Az
     endpoint = location.endpoint or f"https://{location.account}.blob.core.windows.net"
     candidates = (
         (location.query, "the SAS in the store URL"),
-        (sas or "", "the SAS given with --sas"),
+        (sas or "", "the SAS given to this call"),
         (os.environ.get("AZURE_STORAGE_SAS_TOKEN", ""), "AZURE_STORAGE_SAS_TOKEN"),
     )
     for token, source in candidates:
@@ -326,7 +327,80 @@ def choose_credentials(location: AzureLocation, *, sas: str | None = None) -> Az
             )
         _check_not_expired(token, source, location.display_url)
         return AzureCredentials(source, "sas", endpoint, sas=token, ignored=ignored)
-    return AzureCredentials("DefaultAzureCredential", "identity", endpoint, ignored=ignored)
+    sources = identity_sources()
+    if not sources:
+        raise StoreError(
+            f"no Azure credentials for {location.display_url}: set"
+            " AZURE_STORAGE_CONNECTION_STRING (with an account key), put a SAS in the URL's"
+            " query or in AZURE_STORAGE_SAS_TOKEN, or sign in: `az login` (the Azure CLI must"
+            " be on PATH), a workload identity (AZURE_CLIENT_ID, AZURE_TENANT_ID,"
+            " AZURE_FEDERATED_TOKEN_FILE), or a managed identity (AZURE_CLIENT_ID, or"
+            f" {MANAGED_IDENTITY_VARIABLE}=1 for a system-assigned one)"
+            + (f" ({ignored})" if ignored else "")
+        )
+    return AzureCredentials(
+        f"DefaultAzureCredential ({', '.join(sources)})", "identity", endpoint, ignored=ignored
+    )
+
+
+MANAGED_IDENTITY_VARIABLE = "GPUBUILD_AZURE_MANAGED_IDENTITY"
+
+
+def identity_sources(environ: dict[str, str] | None = None) -> list[str]:
+    """The Azure AD sign-ins this machine offers, found without touching the network.
+
+    DefaultAzureCredential tries every kind it knows, probing the instance metadata endpoint
+    and several CLIs with timeouts: with none present that takes about 33 s and logs ~60
+    lines. Only the kinds found here are tried."""
+    env = dict(os.environ) if environ is None else environ
+    found = []
+    if (
+        env.get("AZURE_CLIENT_ID")
+        and env.get("AZURE_TENANT_ID")
+        and (
+            env.get("AZURE_CLIENT_SECRET")
+            or env.get("AZURE_CLIENT_CERTIFICATE_PATH")
+            or env.get("AZURE_FEDERATED_TOKEN_FILE")
+        )
+    ):
+        found.append(
+            "environment" if not env.get("AZURE_FEDERATED_TOKEN_FILE") else "workload identity"
+        )
+    if (
+        env.get("IDENTITY_ENDPOINT")
+        or env.get("MSI_ENDPOINT")
+        or env.get(MANAGED_IDENTITY_VARIABLE) == "1"
+        or (env.get("AZURE_CLIENT_ID") and not found)
+    ):
+        found.append("managed identity")
+    if shutil.which("az", path=env.get("PATH")):
+        found.append("Azure CLI")
+    if shutil.which("azd", path=env.get("PATH")):
+        found.append("Azure Developer CLI")
+    return found
+
+
+def identity_credential() -> object:
+    """DefaultAzureCredential limited to the sign-ins `identity_sources` found, quietly: its
+    own log lists every kind it tried, and the store's message says what to do instead."""
+    import logging
+
+    from azure.identity import DefaultAzureCredential
+
+    logging.getLogger("azure.identity").setLevel(logging.CRITICAL)
+    sources = identity_sources()
+    return DefaultAzureCredential(
+        exclude_environment_credential=not {"environment", "workload identity"} & set(sources),
+        exclude_workload_identity_credential="workload identity" not in sources,
+        exclude_managed_identity_credential="managed identity" not in sources,
+        exclude_cli_credential="Azure CLI" not in sources,
+        exclude_developer_cli_credential="Azure Developer CLI" not in sources,
+        exclude_powershell_credential=True,
+        exclude_visual_studio_code_credential=True,
+        exclude_shared_token_cache_credential=True,
+        exclude_interactive_browser_credential=True,
+        exclude_broker_credential=True,
+    )
 
 
 def _check_not_expired(token: str, source: str, display_url: str) -> None:
@@ -376,9 +450,16 @@ class Store:
         raise NotImplementedError
 
     def put_blob(
-        self, sha256: str, path: Path, on_progress: ProgressCallback | None = None
+        self,
+        sha256: str,
+        path: Path,
+        on_progress: ProgressCallback | None = None,
+        *,
+        overwrite: bool = False,
     ) -> bool:
-        """Store the file at `path` as blob `sha256`; False when it was already there."""
+        """Store the file at `path` as blob `sha256`; False when it was already there.
+
+        `overwrite`: replace what the store holds under that name (a damaged copy)."""
         raise NotImplementedError
 
     def open_blob(self, sha256: str) -> BinaryIO:
@@ -398,6 +479,24 @@ class Store:
         except NotPublishedError:
             return False
         return True
+
+    def blob_digest(self, sha256: str) -> tuple[str, int] | None:
+        """(sha256, size) of what the store really holds as blob `sha256`, read in a stream
+        (bounded memory); None when it has no such blob."""
+        try:
+            stream = self.open_blob(sha256)
+        except StoreError:
+            if self.has_blob(sha256) is None:
+                return None
+            raise
+        digest, size = hashlib.sha256(), 0
+        try:
+            while chunk := stream.read(_COPY_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        finally:
+            stream.close()
+        return digest.hexdigest(), size
 
     def blob_url(self, sha256: str) -> str:
         return f"{self.base_url}/{quote(blob_key(sha256))}"
@@ -486,11 +585,16 @@ class FileStore(Store):
             raise StoreError(f"cannot read the store at {self.display_url}: {exc}") from None
 
     def put_blob(
-        self, sha256: str, path: Path, on_progress: ProgressCallback | None = None
+        self,
+        sha256: str,
+        path: Path,
+        on_progress: ProgressCallback | None = None,
+        *,
+        overwrite: bool = False,
     ) -> bool:
-        size = self._size_to_put(sha256, path)
-        if size is None:
+        if not overwrite and self._size_to_put(sha256, path) is None:
             return False
+        _file_size(path)
         target = self._blob_path(sha256)
         digest = hashlib.sha256()
 
@@ -614,9 +718,7 @@ class AzureStore(Store):
 
             credential = AzureSasCredential(credentials.sas or "")
         else:
-            from azure.identity import DefaultAzureCredential
-
-            credential = DefaultAzureCredential()
+            credential = identity_credential()
         self._service = BlobServiceClient(
             account_url=credentials.endpoint,
             credential=credential,
@@ -692,7 +794,7 @@ class AzureStore(Store):
         ):
             return StoreError(
                 f"no credentials for the store at {self.display_url}: set "
-                "AZURE_STORAGE_CONNECTION_STRING, give a SAS (in the URL, --sas or "
+                "AZURE_STORAGE_CONNECTION_STRING, give a SAS (in the URL or "
                 "AZURE_STORAGE_SAS_TOKEN), or sign in with `az login`"
                 + (f" ({creds.ignored})" if creds.ignored else "")
             )
@@ -762,11 +864,16 @@ class AzureStore(Store):
             return None
 
     def put_blob(
-        self, sha256: str, path: Path, on_progress: ProgressCallback | None = None
+        self,
+        sha256: str,
+        path: Path,
+        on_progress: ProgressCallback | None = None,
+        *,
+        overwrite: bool = False,
     ) -> bool:
         from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 
-        size = self._size_to_put(sha256, path)
+        size = _file_size(path) if overwrite else self._size_to_put(sha256, path)
         if size is None:
             return False
         # The parallel block upload reads the file out of order, so hash it first: a local
@@ -787,7 +894,7 @@ class AzureStore(Store):
                 blob.upload_blob(
                     source,
                     length=size,
-                    overwrite=False,
+                    overwrite=overwrite,
                     max_concurrency=self.max_concurrency,
                     progress_hook=hook,
                 )

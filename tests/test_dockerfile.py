@@ -442,3 +442,35 @@ def test_split_refuses_pip_options(tmp_path: Path) -> None:
     result = run_cli("split", str(requirements), "--profile", str(profile))
     assert result.returncode == 2
     assert "requirements.txt:1: pip option '--index-url'" in result.stderr
+
+
+def test_a_context_without_dockerignore_is_explained_and_one_is_proposed(
+    tmp_path: Path, index: str
+) -> None:
+    """A fresh clone's .venv is most of what docker would send: say so, and write the
+    .dockerignore that sends only what the Dockerfile copies when asked."""
+    profile = write_worker_profile(tmp_path, heavy=["heavy-core==1.0"], light=["light-app==1.0"])
+    (tmp_path / "tasks.py").write_text("import light_app\n")
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)
+    (tmp_path / ".venv" / "lib" / "big.so").write_bytes(b"\0" * 3_000_000)
+    args = ["dockerfile", str(profile), "--code", "tasks.py", "--index-url", index, "--json"]
+    proposed = run_cli(*args, cwd=tmp_path, env=_env(tmp_path))
+    assert proposed.returncode == 0, proposed.stderr
+    assert "no .dockerignore" in proposed.stderr and "mostly .venv 3.0 MB" in proposed.stderr
+    assert "!tasks.py" in proposed.stderr and "!worker.light.lock" in proposed.stderr
+    assert proposed.json()["context_bytes"] > 3_000_000
+    assert not (tmp_path / ".dockerignore").exists()
+
+    written = run_cli(*args, "--dockerignore", cwd=tmp_path, env=_env(tmp_path))
+    assert written.returncode == 0, written.stderr
+    ignore = (tmp_path / ".dockerignore").read_text()
+    assert ignore.splitlines()[2:] == ["*", "!tasks.py", "!worker.light.lock"]
+    document = written.json()
+    assert (tmp_path / document["dockerignore"]).resolve() == (tmp_path / ".dockerignore").resolve()
+    sent = (tmp_path / "tasks.py").stat().st_size + (tmp_path / "worker.light.lock").stat().st_size
+    # docker always sends the .dockerignore itself, so the daemon can apply it.
+    assert document["context_bytes"] == sent + len(ignore.encode())
+    # An existing .dockerignore is the user's: never overwritten.
+    (tmp_path / ".dockerignore").write_text(".venv\n")
+    kept = run_cli(*args, "--dockerignore", cwd=tmp_path, env=_env(tmp_path))
+    assert kept.returncode == 0 and (tmp_path / ".dockerignore").read_text() == ".venv\n"

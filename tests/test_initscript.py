@@ -40,7 +40,7 @@ from builder.tools import run_uv
 from tests.helpers import REPO, run_cli, write_profile
 from tests.support.faults import Cut, ScriptedStore, Serve, blob_path
 from tests.support.processes import kill_tree
-from tests.support.services import free_port, nginx_serving
+from tests.support.services import free_port, nginx_serving, require_program
 from tests.support.users import NONROOT_UID, as_nonroot, give_to_nonroot, is_root, nonroot_folder
 from tests.support.wheels import build_wheel
 
@@ -333,6 +333,12 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=True)
 
 
+def shellcheck() -> str:
+    """Debian's shellcheck, or an error that says where it comes from (like every program the
+    tests need), instead of a bare FileNotFoundError."""
+    return require_program("shellcheck", "the Debian package shellcheck")
+
+
 # --- rendering ----------------------------------------------------------------------------
 
 
@@ -352,14 +358,14 @@ def test_render_pins_everything_and_is_shellcheck_clean(
     script = tmp_path / "init.sh"
     script.write_text(text)
     checked = subprocess.run(
-        ["shellcheck", "--severity=style", str(script)], capture_output=True, text=True
+        [shellcheck(), "--severity=style", str(script)], capture_output=True, text=True
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     with_fallback = tmp_path / "fallback.sh"
     with_fallback.write_text(
         render_init_script(manifest, artifacts.store.as_uri(), fallback_lock=_lock_text(artifacts))
     )
-    checked = subprocess.run(["shellcheck", str(with_fallback)], capture_output=True, text=True)
+    checked = subprocess.run([shellcheck(), str(with_fallback)], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stdout + checked.stderr
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import os
 import random
 import subprocess
@@ -343,3 +344,93 @@ def test_repacking_repairs_a_damaged_local_blob(tmp_path: Path, index: str) -> N
     again = _publish(profile, store.as_uri(), index, tmp_path)
     assert again.digest == published.digest and not again.already_published
     assert fetch(f"{store.as_uri()}/prof-b/{published.digest}", tmp_path / "ok").files > 0
+
+
+def _flip_middle_byte(data: bytes) -> bytes:
+    damaged = bytearray(data)
+    damaged[len(damaged) // 2] ^= 0xFF
+    return bytes(damaged)
+
+
+def test_repair_finds_a_same_size_damaged_blob_in_a_folder(tmp_path: Path, index: str) -> None:
+    profile = _profile(tmp_path, "prof-b", ["model-b==2.0"])
+    store = tmp_path / "store"
+    published = _publish(profile, store.as_uri(), index, tmp_path)
+    shard = min(published.manifest.shards, key=lambda s: s.bytes)
+    blob = store / blob_key(shard.sha256)
+    blob.write_bytes(_flip_middle_byte(blob.read_bytes()))
+    # Sizes match, so a plain publish still takes it for published ...
+    assert _publish(profile, store.as_uri(), index, tmp_path).already_published
+    # ... and --repair re-hashes, finds it and writes it again.
+    repaired = publish_cache(
+        profile, store_url=store.as_uri(), settings=IndexSettings(default_url=index), repair=True
+    )
+    assert [s.sha256 for s in repaired.repaired] == [shard.sha256]
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == shard.sha256
+    assert fetch(f"{store.as_uri()}/prof-b/{published.digest}", tmp_path / "ok").files > 0
+    again = run_cli(
+        "publish-cache", str(profile.path), "--store", store.as_uri(), "--repair",
+        "--index-url", index, "--json",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert again.json()["repaired"] == [] and "matches its sha256" in again.stderr
+
+
+@pytest.mark.azurite
+def test_repair_finds_a_same_size_damaged_blob_in_azure(
+    tmp_path: Path, index: str, az: str, azurite_endpoint: AzuriteEndpoint
+) -> None:
+    profile = _profile(tmp_path, "prof-b", ["model-b==2.0"])
+    published = _publish(profile, az, index, tmp_path)
+    shard = min(published.manifest.shards, key=lambda s: s.bytes)
+    store = open_store(az)
+    good = (tmp_path / "packs" / blob_key(shard.sha256)).read_bytes()
+    client = BlobServiceClient.from_connection_string(azurite_endpoint.connection_string)
+    blob = client.get_blob_client(store.container, f"{store.prefix}/{blob_key(shard.sha256)}")  # type: ignore[attr-defined]
+    blob.upload_blob(_flip_middle_byte(good), overwrite=True)
+    assert _publish(profile, az, index, tmp_path).already_published
+    with pytest.raises(IntegrityError):
+        fetch(f"{az}/prof-b/{published.digest}", tmp_path / "broken")
+
+    repaired = publish_cache(
+        profile,
+        store_url=az,
+        settings=IndexSettings(default_url=index),
+        pack_dir=tmp_path / "packs",
+        repair=True,
+    )
+    assert [s.sha256 for s in repaired.repaired] == [shard.sha256]
+    assert repaired.shards_uploaded == 1
+    assert blob.download_blob().readall() == good
+    assert fetch(f"{az}/prof-b/{published.digest}", tmp_path / "ok").files > 0
+
+
+@pytest.mark.azurite
+def test_repair_packs_a_damaged_local_copy_again_before_uploading(
+    tmp_path: Path, index: str, az: str, azurite_endpoint: AzuriteEndpoint
+) -> None:
+    """The local pack that feeds a remote store can be damaged too: a plain publish refuses to
+    upload it, --repair packs it again and uploads the good bytes."""
+    profile = _profile(tmp_path, "prof-b", ["model-b==2.0"])
+    published = _publish(profile, az, index, tmp_path)
+    shard = min(published.manifest.shards, key=lambda s: s.bytes)
+    store = open_store(az)
+    client = BlobServiceClient.from_connection_string(azurite_endpoint.connection_string)
+    client.get_blob_client(
+        store.container, f"{store.prefix}/{blob_key(shard.sha256)}"
+    ).delete_blob()  # type: ignore[attr-defined]
+    local = tmp_path / "packs" / blob_key(shard.sha256)
+    local.write_bytes(_flip_middle_byte(local.read_bytes()))
+    with pytest.raises(IntegrityError, match="pack again"):
+        _publish(profile, az, index, tmp_path)
+
+    repaired = publish_cache(
+        profile,
+        store_url=az,
+        settings=IndexSettings(default_url=index),
+        pack_dir=tmp_path / "packs",
+        repair=True,
+    )
+    assert repaired.shards_uploaded == 1
+    assert hashlib.sha256(local.read_bytes()).hexdigest() == shard.sha256
+    assert fetch(f"{az}/prof-b/{published.digest}", tmp_path / "ok").files > 0

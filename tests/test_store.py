@@ -7,6 +7,8 @@ import hashlib
 import os
 import socket
 import stat
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -564,8 +566,52 @@ def test_sas_expiry_is_capped_and_bad_durations_are_bad_input(
     assert too_long.returncode == 2 and "3650 days" in too_long.stderr
 
 
+def test_no_azure_credentials_is_one_message_naming_what_exists(tmp_path: Path) -> None:
+    """No connection string, SAS or sign-in: say what is missing at once, in one message, and
+    name only options that exist (no DefaultAzureCredential dump, no minutes of probing)."""
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path)}
+    for args in (
+        ["sas", "az://myaccount/gpu-cache"],
+        ["fetch", f"az://myaccount/gpu-cache/p/{'a' * 64}", "--into", str(tmp_path / "x")],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "builder.cli", *args], capture_output=True, text=True, env=env
+        )
+        assert result.returncode == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "no Azure credentials" in lines[0]
+        for hint in ("AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN", "az login"):
+            assert hint in lines[0]
+        assert "--sas" not in lines[0]
+
+
 def test_sas_command_refuses_a_local_folder(tmp_path: Path) -> None:
     result = run_cli("sas", tmp_path.as_uri(), "--expires-in", "1h")
     assert result.returncode == 2
     assert "local folder" in result.stderr
     assert result.stdout == ""
+
+
+def test_identity_sources_are_found_without_the_network(tmp_path: Path) -> None:
+    from builder.store import identity_sources
+
+    empty = {"PATH": str(tmp_path)}
+    assert identity_sources(empty) == []
+    service_principal = {
+        **empty,
+        "AZURE_CLIENT_ID": "c",
+        "AZURE_TENANT_ID": "t",
+        "AZURE_CLIENT_SECRET": "s",
+    }
+    assert identity_sources(service_principal) == ["environment"]
+    workload = {**service_principal, "AZURE_FEDERATED_TOKEN_FILE": "/var/run/token"}
+    del workload["AZURE_CLIENT_SECRET"]
+    assert identity_sources(workload) == ["workload identity"]
+    assert identity_sources({**empty, "GPUBUILD_AZURE_MANAGED_IDENTITY": "1"}) == [
+        "managed identity"
+    ]
+    az = tmp_path / "az"
+    az.write_text("#!/bin/sh\n")
+    az.chmod(0o755)
+    assert identity_sources(empty) == ["Azure CLI"]

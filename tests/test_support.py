@@ -368,3 +368,14 @@ def test_skips_fail_when_ci_is_set(tmp_path: Path) -> None:
     assert ci.returncode == 1, ci.stdout
     assert "1 failed, 1 xfailed" in ci.stdout
     assert "skipped tests fail when CI is set" in ci.stdout
+
+
+def test_a_missing_program_names_the_package_that_provides_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from tests.test_initscript import shellcheck
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(RuntimeError, match="Debian package shellcheck") as caught:
+        shellcheck()
+    assert ".ci/run installs it" in str(caught.value)
