@@ -32,15 +32,16 @@ sys.path.insert(0, str(REPO))
 
 import zstandard  # noqa: E402
 
-from builder.pack import ZSTD_LEVEL, materialise, write_artifact  # noqa: E402
+from builder.install import materialise  # noqa: E402
+from builder.pack import ZSTD_LEVEL, write_artifact  # noqa: E402
+from builder.pipeline import ensure_lock  # noqa: E402
 from builder.profile import load_profile  # noqa: E402
-from builder.resolve import resolve  # noqa: E402
 from builder.tree import fix_tree, list_tree  # noqa: E402
 
 
 def prepare_tree(profile_path: Path, work: Path) -> tuple[Path, str]:
     profile = load_profile(profile_path)
-    lock = resolve(profile, lock_path=work / f"{profile.name}.lock").lock
+    lock = ensure_lock(profile, lock_path=work / f"{profile.name}.lock").lock
     digest = lock.digest()
     tree = work / "tree"
     marker = work / "tree.digest"

@@ -5,7 +5,7 @@
 Publishes the profile once to a local folder store and once to Azurite (started here, on
 loopback), then times `gpubuild publish-cache` again on each, as a user runs it (a new process):
 the digest is already published and intact, so nothing is packed or uploaded. Also records the
-first upload to Azurite (Azurite tops out near 100 MB/s: correctness, not speed, DESIGN.md).
+first upload to Azurite (Azurite tops out near 100 MB/s: correctness, not speed).
 Goal: a no-op re-publish in about a second. Results go to bench/results/publish.json.
 """
 

@@ -25,9 +25,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from builder.base import read_snapshot  # noqa: E402
+from builder.backends import constraint_lines  # noqa: E402
 from builder.profile import load_profile  # noqa: E402
-from builder.resolve import constraint_lines  # noqa: E402
 from builder.tools import pip_compile_argv, uv_bin, uv_env  # noqa: E402
 
 
@@ -57,7 +56,7 @@ def main() -> None:
     args = parser.parse_args()
 
     profile = load_profile(args.profile)
-    snapshot = read_snapshot(profile.target.base_packages)
+    snapshot = profile.snapshot
     gpubuild_argv = [sys.executable, "-m", "builder.cli", "resolve", str(profile.path.resolve())]
     if profile.indexes:
         gpubuild_argv += [f"--index={index.name}=default" for index in profile.indexes]

@@ -4,7 +4,7 @@
 
 All four install the same wheels of the profile's lock, in one run:
   - gpubuild init script reading the published store over loopback HTTP (nginx serving the
-    store folder; Azurite is too slow to time, DESIGN.md);
+    store folder; Azurite is too slow to time);
   - `pip install --target` from a loopback index of the same wheels (the deployment guide's way);
   - `uv pip install --target --no-cache` from the same index;
   - `cp -a` of the finished tree: the floor.
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 from builder.initscript import render_init_script  # noqa: E402
 from builder.lock import read_lock  # noqa: E402
-from builder.pack import pack  # noqa: E402
+from builder.pipeline import pack_profile  # noqa: E402
 from builder.profile import load_profile  # noqa: E402
 from builder.tools import uv_bin, uv_env  # noqa: E402
 from tests.support.index import serve_directory, write_simple_index  # noqa: E402
@@ -106,7 +106,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     store = work / "store"
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    packed = pack(profile, lock_path=None, out_dir=store)
+    packed = pack_profile(profile, out_dir=store)
     manifest = packed.manifest
     lock_path = profile.path.with_suffix(".lock")
     lock = read_lock(lock_path)

@@ -1,4 +1,4 @@
-"""Base snapshots: the distributions a base image already has (DESIGN.md, "Base snapshot")."""
+"""Base snapshots: the distributions a base image already has (docs/design.md#base-snapshot)."""
 
 from __future__ import annotations
 
@@ -26,9 +26,19 @@ _LIST_DISTRIBUTIONS = (
 class BaseSnapshot:
     path: Path | None
     packages: dict[str, str]  # canonical name -> version
+    data: bytes = b""  # the file's bytes, as read (they decide the lock's `sources`)
 
     def version_of(self, name: str) -> str | None:
         return self.packages.get(canonicalize_name(name))
+
+    @property
+    def text(self) -> str:
+        """The file as text, newlines as Python's text mode reads them."""
+        return universal_newlines(self.data.decode("utf-8"))
+
+
+def universal_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def parse_snapshot(text: str, where: object) -> dict[str, str]:
@@ -42,12 +52,14 @@ def parse_snapshot(text: str, where: object) -> dict[str, str]:
         name, sep, version = line.partition("==")
         name, version = name.strip(), version.strip()
         if not sep or not PACKAGE_NAME.match(name) or not version:
-            raise FormatError(where, f"line {number}", f"expected name==version, got {line[:80]!r}")
+            raise FormatError(
+                f"{where}:{number}", None, f"expected name==version, got {line[:80]!r}"
+            )
         try:
             Version(version)
         except InvalidVersion:
             raise FormatError(
-                where, f"line {number}", f"{version[:40]!r} is not a version"
+                f"{where}:{number}", None, f"{version[:40]!r} is not a version"
             ) from None
         packages[canonicalize_name(name)] = version
     return packages
@@ -65,7 +77,11 @@ def read_snapshot(path: Path) -> BaseSnapshot:
         data = path.read_bytes()
     except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
         raise BadInputError(f"{path}: cannot read base snapshot: {exc}") from None
-    return BaseSnapshot(path=path, packages=parse_snapshot(decode_snapshot(data, path), path))
+    return snapshot_from_bytes(data, path)
+
+
+def snapshot_from_bytes(data: bytes, path: Path) -> BaseSnapshot:
+    return BaseSnapshot(path, parse_snapshot(decode_snapshot(data, path), path), data)
 
 
 def render_snapshot(image: str, python: str, packages: dict[str, str]) -> str:
@@ -113,7 +129,30 @@ def snapshot_image(client: object, image: str) -> tuple[str, dict[str, str]]:
         listing = json.loads(output.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
         raise DockerError(f"unexpected output from python in {image}: {output[:200]!r}") from None
-    packages = {canonicalize_name(name): version for name, version in listing["dists"]}
+    return _read_listing(listing, image)
+
+
+def _read_listing(listing: object, image: str) -> tuple[str, dict[str, str]]:
+    """What the image's python printed, checked before it becomes a snapshot file."""
+    bad = DockerError(f"unexpected output from python in {image}: not a list of distributions")
+    if not isinstance(listing, dict) or not isinstance(listing.get("python"), str):
+        raise bad
+    dists = listing.get("dists")
+    if not isinstance(dists, list):
+        raise bad
+    packages: dict[str, str] = {}
+    for item in dists:
+        if not (
+            isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)
+        ):
+            raise bad
+        name, version = item
+        try:
+            Version(version)
+        except InvalidVersion:
+            continue  # a distribution with a non-PEP 440 version cannot be pinned: left out
+        if PACKAGE_NAME.match(name):
+            packages[canonicalize_name(name)] = version
     return listing["python"], packages
 
 

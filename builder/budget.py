@@ -14,9 +14,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-GB = 10**9
-MB = 10**6
+from builder.errors import OverBudgetError
+from builder.profile import Target
+from builder.units import GB, MB, human_size
+
 DEFAULT_BUDGET_BYTES = 10 * GB
+__all__ = ["GB", "MB", "human_size"]
 
 
 @dataclass(frozen=True)
@@ -123,16 +126,59 @@ def image_estimate(base: BaseSizes, light_bytes: int, code_bytes: int) -> int | 
     return base.extracted_bytes + light_bytes + code_bytes
 
 
-def human_size(count: int | None) -> str:
-    if count is None:
-        return "unknown"
-    if count >= GB:
-        return f"{count / GB:,.2f} GB"
-    if count >= MB:
-        return f"{count / MB:,.1f} MB"
-    if count >= 1000:
-        return f"{count / 1000:,.1f} kB"
-    return f"{count} B"
+@dataclass(frozen=True)
+class BudgetInputs:
+    """What a worker image build adds, as the plan knows it (builder.dockerfile)."""
+
+    target: Target
+    light_bytes: int
+    has_light: bool
+    copied_bytes: int
+    has_certs: bool
+
+
+def plan_budget(
+    inputs: BudgetInputs,
+    *,
+    base_image: str,
+    local_base_bytes: int | None,
+    context_bytes: int,
+    context_source: str,
+    push: bool,
+    budget_bytes: int = DEFAULT_BUDGET_BYTES,
+) -> Budget:
+    """The budget of one build: `local_base_bytes` is what an engine says of the base image
+    (None when it cannot)."""
+    target = inputs.target
+    base = base_sizes(
+        base_image, target.base_image_download_bytes, target.base_image_bytes, local_base_bytes
+    )
+    return estimate(
+        base,
+        context_bytes=context_bytes,
+        context_source=context_source,
+        light_bytes=inputs.light_bytes,
+        light_source=(
+            "measured: the light lock installed for the target by uv"
+            if inputs.has_light
+            else "no [light] set"
+        ),
+        code_bytes=inputs.copied_bytes,
+        code_source="measured: the files the Dockerfile copies"
+        + (
+            " (not counted: the CA bundle update-ca-certificates rewrites)"
+            if inputs.has_certs
+            else ""
+        ),
+        push=push,
+        budget_bytes=budget_bytes,
+    )
+
+
+def over_budget_error(budget: Budget, rendered: str) -> OverBudgetError:
+    return OverBudgetError(
+        f"the build needs more disk than the agent has:\n{rendered}\nnothing was written or built"
+    )
 
 
 def render_budget(budget: Budget) -> str:

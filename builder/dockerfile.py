@@ -3,43 +3,29 @@
 The image holds the base, the light requirements (from their own hashed lock), the code and the
 environment that finds the heavy set in /shared-packages at run time. `render_dockerfile` is a
 pure function of a `DockerfileSpec`, so the same inputs give the same bytes (no timestamps);
-`plan_worker` gathers the inputs: the heavy lock, the light set (checked and measured), the
-packed manifest's LD_LIBRARY_PATH when this machine's store has it, the code and the certs.
+`plan_dockerfile` turns what the pipeline gathered (the heavy lock, the light set checked and
+measured, the packed manifest's LD_LIBRARY_PATH when this machine's store has it) plus the code
+and the certs into a `WorkerPlan`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from builder.budget import (
-    DEFAULT_BUDGET_BYTES,
-    Budget,
-    ContextSize,
-    files_bytes,
-    human_size,
-    measure_context,
-    render_budget,
-)
+from builder.budget import BudgetInputs, files_bytes, human_size
 from builder.errors import BadInputError
-from builder.files import write_atomically
-from builder.light import DEFAULT_MAX_LIGHT_BYTES, LightSet, light_lock_path, prepare_light
+from builder.indexes import IndexSettings, effective_indexes
+from builder.light import LightSet, light_lock_path
 from builder.lock import Lock
 from builder.manifest import Manifest
 from builder.profile import Profile
-from builder.resolve import (
-    IndexSettings,
-    default_lock_path,
-    effective_indexes,
-    resolve,
-)
+from builder.resolve import ResolveResult
 from builder.secrets import redact_url
 
-Progress = Callable[[str], None]
 APP_DIR = "/app"
 LIGHT_LOCK_IN_IMAGE = "/opt/gpubuild/light.lock"
 CERTS_DIR = "certs"
@@ -263,6 +249,16 @@ class WorkerPlan:
         """The layers COPY makes: code, certificates, the light lock."""
         return files_bytes(self.files_to_send())
 
+    @property
+    def budget_inputs(self) -> BudgetInputs:
+        return BudgetInputs(
+            target=self.profile.target,
+            light_bytes=self.light_bytes,
+            has_light=self.light is not None,
+            copied_bytes=self.copied_bytes,
+            has_certs=bool(self.spec.certs),
+        )
+
     def files_to_send(self) -> list[Path]:
         """What the Dockerfile COPYs from the build context (the minimal context)."""
         files = [self.context / c.source for c in self.spec.code]
@@ -272,44 +268,24 @@ class WorkerPlan:
         return files
 
 
-def _stored_manifest(profile: Profile, digest: str) -> Manifest | None:
-    from builder.pack import default_store_dir, reusable_manifest
-
-    return reusable_manifest(default_store_dir(), profile.name, digest)
-
-
-def plan_worker(
+def plan_dockerfile(
     profile: Profile,
+    heavy: ResolveResult,
+    light: LightSet | None,
+    manifest: Manifest | None,
     *,
     profile_arg: str,
     context: Path,
     code: tuple[Path, ...] = (),
-    lock_path: Path | None = None,
     settings: IndexSettings = _DEFAULT_SETTINGS,
-    max_light_bytes: int | None = DEFAULT_MAX_LIGHT_BYTES,
-    on_progress: Progress | None = None,
 ) -> WorkerPlan:
     """Everything the worker Dockerfile needs; raises before anything is written."""
-    report = on_progress or (lambda message: None)
     copies = code_copies(code, context)
-    heavy_lock_path = lock_path or default_lock_path(profile)
-    heavy = resolve(profile, lock_path=heavy_lock_path, settings=settings)
-    light: LightSet | None = None
     light_ref: str | None = None
-    if profile.light:
-        # Checked first: the Dockerfile can only COPY the light lock from inside the context.
+    if light is not None:
+        # The Dockerfile can only COPY the light lock from inside the context.
         light_ref = context_path(light_lock_path(heavy.lock_path), context, "the light lock")
-        report(f"resolving the light set of {profile.name} on top of the heavy lock")
-        light = prepare_light(
-            profile,
-            heavy.lock,
-            lock_path=light_lock_path(heavy.lock_path),
-            settings=settings,
-            max_bytes=max_light_bytes,
-            on_progress=report,
-        )
     digest = heavy.lock.digest()
-    manifest = _stored_manifest(profile, digest)
     routed = {redact_url(index.url) for index in effective_indexes(profile, settings)}
     extra_urls: tuple[str, ...] = ()
     if light is not None:
@@ -320,7 +296,7 @@ def plan_worker(
     spec = DockerfileSpec(
         profile_name=profile.name,
         command=regenerate_command(profile_arg, (path.as_posix() for path in code)),
-        profile_sha256=hashlib.sha256(profile.path.read_bytes()).hexdigest(),
+        profile_sha256=profile.sha256,
         heavy_digest=digest,
         light_digest=light.lock.digest() if light else None,
         base_image=profile.target.base_image,
@@ -394,19 +370,6 @@ def worker_text(plan: WorkerPlan) -> str:
     return "\n".join(lines)
 
 
-# --- gpubuild dockerfile ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DockerfileResult:
-    plan: WorkerPlan
-    budget: Budget
-    output: Path | None
-    context: ContextSize
-    dockerignore: str  # the .dockerignore that sends only what the Dockerfile copies
-    dockerignore_written: Path | None
-
-
 def dockerignore_text(plan: WorkerPlan) -> str:
     """A .dockerignore that keeps everything out of the build context but what the Dockerfile
     COPYs: a virtualenv or a data folder beside the code then never reaches the daemon."""
@@ -422,65 +385,3 @@ def dockerignore_text(plan: WorkerPlan) -> str:
         *(f"!{path}" for path in sorted(set(keep))),
     ]
     return "\n".join(lines) + "\n"
-
-
-def generate_dockerfile(
-    profile: Profile,
-    *,
-    profile_arg: str,
-    context: Path,
-    code: tuple[Path, ...] = (),
-    lock_path: Path | None = None,
-    settings: IndexSettings = _DEFAULT_SETTINGS,
-    max_light_bytes: int | None = DEFAULT_MAX_LIGHT_BYTES,
-    budget_bytes: int = DEFAULT_BUDGET_BYTES,
-    output: Path | None = None,
-    on_progress: Progress | None = None,
-    write_dockerignore: bool = False,
-) -> DockerfileResult:
-    """Plan, check the disk budget (as CI builds and pushes it), then write the Dockerfile.
-
-    `write_dockerignore`: write the proposed .dockerignore into the context when it has none
-    (the budget then counts the context it sends)."""
-    from builder.image import engine_or_none, over_budget_error, plan_budget
-
-    plan = plan_worker(
-        profile,
-        profile_arg=profile_arg,
-        context=context,
-        code=code,
-        lock_path=lock_path,
-        settings=settings,
-        max_light_bytes=max_light_bytes,
-        on_progress=on_progress,
-    )
-    proposal = dockerignore_text(plan)
-    ignore_path = context / ".dockerignore"
-    written = None
-    if write_dockerignore and not ignore_path.exists():
-        write_atomically(ignore_path, proposal)
-        written = ignore_path
-    measured = measure_context(context)
-    if measured.dockerignore:
-        source = f"measured: {context} as docker build sends it (.dockerignore applied)"
-    else:
-        source = (
-            f"measured: {context} as docker build sends it, with no .dockerignore"
-            + (f" ({measured.describe()})" if measured.describe() else "")
-            + f"; one that sends only what the Dockerfile copies would send"
-            f" {human_size(plan.copied_bytes)} (--dockerignore writes it)"
-        )
-    budget = plan_budget(
-        plan,
-        base_image=profile.target.base_image,
-        context_bytes=measured.bytes,
-        context_source=source,
-        engine=engine_or_none(),
-        push=True,
-        budget_bytes=budget_bytes,
-    )
-    if budget.over:
-        raise over_budget_error(budget, render_budget(budget))
-    if output is not None:
-        write_atomically(output, plan.text)
-    return DockerfileResult(plan, budget, output, measured, proposal, written)

@@ -121,7 +121,7 @@ def elf_header(path: str) -> int | None:
         return None
     if len(head) < 20 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
         return None
-    return struct.unpack_from("<H", head, 18)[0]
+    return int(struct.unpack_from("<H", head, 18)[0])
 
 
 def read_elf(path: str) -> ElfInfo | None:
@@ -765,8 +765,9 @@ def _probe_failure(module: str, run: ProbeRun) -> Check | None:
     if isinstance(error, dict):
         where = [f"raised at {error['where']}"] if error.get("where") else []
         return Check(module, FAIL, f"import {module} fails: {error['text']}", where)
-    if isinstance(facts.get("namespace"), list):
-        folders = ", ".join(str(f) for f in facts["namespace"])  # type: ignore[union-attr]
+    namespace = facts.get("namespace")
+    if isinstance(namespace, list):
+        folders = ", ".join(str(f) for f in namespace)
         return Check(
             module,
             FAIL,

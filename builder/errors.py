@@ -1,6 +1,6 @@
 """Every fatal error gpubuild raises, each with its exit status and a message that says what to do.
 
-Exit statuses follow DESIGN.md: 1 for a failure of the job, 2 for bad input or usage.
+Exit statuses follow docs/design.md#exit-status-and-output: 1 for a failure of the job, 2 for bad input or usage.
 """
 
 from __future__ import annotations

@@ -9,13 +9,13 @@ and nothing is ever written outside the staging folder.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -23,12 +23,15 @@ from typing import BinaryIO
 import zstandard
 
 from builder.errors import BadInputError, IntegrityError
-from builder.fields import SHA256
-from builder.manifest import Manifest, Shard, manifest_from_bytes
-from builder.store import Store, open_store
+from builder.fields import SHA256, relative_path_problem
+from builder.manifest import Manifest, Shard
+from builder.progress import Progress, silent
+from builder.stores import Store, open_store
+from builder.units import megabytes, plural
 
-Progress = Callable[[str], None]
 _CHUNK = 1 << 20
+# Python's own guard too, where it has one (3.10.12+, 3.11.4+); check_member does not rely on it.
+_DATA_FILTER: dict[str, object] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 @dataclass(frozen=True)
@@ -81,42 +84,83 @@ def _damaged(shard: Shard, why: str) -> IntegrityError:
     )
 
 
-def unpack_shard(stream: BinaryIO, shard: Shard, into: Path) -> None:
-    """Stream one shard into `into`, then check both digests and the file count."""
-    compressed = _HashingReader(stream)
+def check_member(member: tarfile.TarInfo, shard: Shard) -> None:
+    """What a shard may hold: regular files, folders and symlinks, by relative names without
+    `..`, links that stay inside (no absolute target, no `..`). The init script refuses the
+    same; with these rules no chain of links can lead out of the tree."""
+    name = member.name
+    kind = (
+        "file"
+        if member.isfile()
+        else "folder"
+        if member.isdir()
+        else "link"
+        if member.issym()
+        else None
+    )
+    problem = None
+    if kind is None:
+        problem = "is neither a file, a folder nor a symlink"
+    elif relative_path_problem(name.rstrip("/")) is not None:
+        problem = f"has an unsafe name ({relative_path_problem(name.rstrip('/'))})"
+    elif kind == "link" and (member.linkname.startswith("/") or ".." in member.linkname.split("/")):
+        problem = f"is a link that could lead out of the tree (-> {member.linkname[:80]!r})"
+    if problem:
+        raise _damaged(shard, f"member {name[:80]!r} {problem}")
+
+
+def download_verified(store: Store, shard: Shard, folder: Path) -> Path:
+    """The shard's bytes in a file in `folder`, checked against its sha256 and size before
+    anything reads them as an archive."""
+    path = folder / f"{shard.sha256}.tar.zst"
+    digest, size = hashlib.sha256(), 0
+    stream = store.open_blob(shard.sha256)
+    try:
+        with path.open("wb") as out:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                if size > shard.bytes:
+                    break
+                out.write(chunk)
+    finally:
+        stream.close()
+    if digest.hexdigest() != shard.sha256 or size != shard.bytes:
+        path.unlink()
+        raise IntegrityError(
+            f"shard {shard.sha256[:16]}: got {size} bytes with sha256 {digest.hexdigest()[:16]},"
+            f" expected {shard.bytes} bytes with {shard.sha256[:16]}; the copy in the store is"
+            f" damaged or was replaced: delete blobs/{shard.sha256}.tar.zst from the store,"
+            " then publish the profile again (gpubuild publish-cache --repair)"
+        )
+    return path
+
+
+def unpack_shard(source: Path, shard: Shard, into: Path) -> None:
+    """Unpack a verified shard file into `into`, member by member, then check its tar's
+    sha256 and file count."""
     files = 0
     try:
-        with zstandard.ZstdDecompressor().stream_reader(compressed, read_size=_CHUNK) as plain:
-            tar_bytes = _HashingReader(plain)  # type: ignore[arg-type]
+        with (
+            source.open("rb") as raw,
+            zstandard.ZstdDecompressor().stream_reader(raw, read_size=_CHUNK) as plain,
+        ):
+            tar_bytes = _HashingReader(plain)
             with tarfile.open(fileobj=tar_bytes, mode="r|") as tar:  # type: ignore[call-overload]
                 for member in tar:
+                    check_member(member, shard)
                     if member.isfile() or member.issym():
                         files += 1
-                    tar.extract(member, into, **_safe_filter())
+                    tar.extract(member, into, **_DATA_FILTER)
             while tar_bytes.read(_CHUNK):  # the tar's zero blocks count for tar_sha256 too
                 pass
-        while compressed.read(_CHUNK):
-            pass
     except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
         raise _damaged(shard, str(exc)) from None
-    if compressed.sha256.hexdigest() != shard.sha256 or compressed.bytes != shard.bytes:
-        raise IntegrityError(
-            f"shard {shard.sha256[:16]}: got {compressed.bytes} bytes with sha256"
-            f" {compressed.sha256.hexdigest()[:16]}, expected {shard.bytes} bytes with"
-            f" {shard.sha256[:16]}; the copy in the store is damaged or was replaced: delete"
-            f" blobs/{shard.sha256}.tar.zst from the store, then publish the profile again"
-            " (gpubuild publish-cache --repair)"
-        )
     if tar_bytes.sha256.hexdigest() != shard.tar_sha256 or files != shard.files:
         raise IntegrityError(
             f"shard {shard.sha256[:16]}: its tar does not match the manifest"
             f" ({files} files, expected {shard.files})"
         )
-
-
-def _safe_filter() -> dict[str, object]:
-    # The "data" filter refuses absolute paths, links out of the tree and device files.
-    return {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 def links_leaving(root: Path) -> list[str]:
@@ -144,44 +188,33 @@ def package_label(packages: tuple[str, ...], limit: int = 3) -> str:
     return shown if len(packages) <= limit else f"{shown} and {len(packages) - limit} more"
 
 
-def plural(count: int, word: str) -> str:
-    return f"{count:,} {word}" if count == 1 else f"{count:,} {word}s"
-
-
-def megabytes(count: int) -> str:
-    """Decimal MB with enough digits that a small amount is not shown as 0.0 MB."""
-    if count < 100_000:
-        return f"{count / 1e3:,.1f} kB"
-    return f"{count / 1e6:,.1f} MB"
-
-
 def fetch(
-    url: str, into: Path, *, sas: str | None = None, on_progress: Progress | None = None
+    url: str, into: Path, *, sas: str | None = None, on_progress: Progress = silent
 ) -> FetchResult:
-    report = on_progress or (lambda message: None)
+    report = on_progress
     store_url, profile, digest = split_artifact_url(url)
     if into.exists() and (not into.is_dir() or any(into.iterdir())):
         raise BadInputError(
             f"{into} exists and is not an empty folder; fetch unpacks into a new one"
         )
     store = open_store(store_url, sas=sas)
-    manifest = manifest_from_bytes(
-        store.get_manifest(profile, digest), where=store.manifest_url(profile, digest)
-    )
-    if manifest.digest != digest or manifest.profile != profile:
-        raise IntegrityError(
-            f"{store.manifest_url(profile, digest)} describes {manifest.profile}"
-            f" {manifest.digest}, not {profile} {digest}"
-        )
+    manifest = store.manifest(profile, digest)
     into.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{into.name}.fetch-", dir=into.parent))
     start = time.monotonic()
     raw_bytes = sum(shard.raw_bytes for shard in manifest.shards)
-    try:
+    with contextlib.ExitStack() as cleanup:
+        # Beside `into` (the same file system, so the tree appears by one rename), removed
+        # whatever happens: shards wait in `downloads` until their bytes are checked.
+        staging = Path(tempfile.mkdtemp(prefix=f".{into.name}.fetch-", dir=into.parent))
+        cleanup.callback(shutil.rmtree, staging, True)
+        downloads = Path(tempfile.mkdtemp(prefix=f".{into.name}.download-", dir=into.parent))
+        cleanup.callback(shutil.rmtree, downloads, True)
         for directory in manifest.directories:  # relative and inside: the reader checked
             (staging / directory).mkdir(parents=True, exist_ok=True)
         for number, shard in enumerate(manifest.shards, start=1):
-            _fetch_shard(store, shard, staging)
+            verified = download_verified(store, shard, downloads)
+            unpack_shard(verified, shard, staging)
+            verified.unlink()
             elapsed = max(time.monotonic() - start, 1e-6)
             report(
                 f"shard {number}/{len(manifest.shards)} ok: {package_label(shard.packages)},"
@@ -198,8 +231,6 @@ def fetch(
         # One rename (it replaces an empty folder too): the whole tree appears at once, or not.
         staging.chmod(0o755)
         staging.rename(into)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     seconds = time.monotonic() - start
     report(
         f"unpacked {plural(manifest.total_files, 'file')} ({megabytes(raw_bytes)}, from"
@@ -222,11 +253,3 @@ def fetch_document(result: FetchResult) -> dict[str, object]:
         "seconds": round(result.seconds, 3),
         "env": result.manifest.env,
     }
-
-
-def _fetch_shard(store: Store, shard: Shard, staging: Path) -> None:
-    stream = store.open_blob(shard.sha256)
-    try:
-        unpack_shard(stream, shard, staging)
-    finally:
-        stream.close()

@@ -18,7 +18,10 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 PROFILE_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 PACKAGE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
-STATE_FOLDER = ".gpubuild"  # the init script's own folder inside the install folder
+STATE_FOLDER = ".gpubuild"
+# Sizes beyond any package set (a pebibyte): a larger one is a damaged or hostile file, and
+# would overflow the init script's 64-bit arithmetic.
+MAX_BYTES = 2**50  # the init script's own folder inside the install folder
 # Mount points that would hide what the container needs to run: an emptyDir mounted over one
 # of them breaks the pod, and extracting into one on a machine destroys it.
 _SYSTEM_FOLDERS = frozenset(
@@ -57,6 +60,8 @@ def install_dir_problem(path: str) -> str | None:
         return "must not hold control characters"
     if not path.startswith("/"):
         return "must be an absolute path"
+    if path != "/" and path.endswith("/"):
+        return f"{path!r} must be written without a trailing '/'"
     parts = path.split("/")
     if "." in parts or ".." in parts or "//" in path:
         return f"{path!r} must be written without '.', '..' or '//' (normalised it is {posixpath.normpath(path)!r})"
@@ -130,10 +135,10 @@ class Fields:
             raise self.fail(key, f"{value[:80]!r} is not of the expected form")
         return value
 
-    def integer(self, key: str, *, minimum: int = 0) -> int:
+    def integer(self, key: str, *, minimum: int = 0, maximum: int = MAX_BYTES) -> int:
         value = self.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise self.fail(key, f"must be an integer >= {minimum}")
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise self.fail(key, f"must be an integer from {minimum} to {maximum}")
         return value
 
     def array(self, key: str, *, default: object = ...) -> list[Any]:

@@ -35,9 +35,20 @@ def write_atomically(path: Path, data: str | bytes, *, mode: int | None = None) 
         raise
 
 
+def write_secret_file(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by its owner only (0600), even when it already exists."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 # --- work folders that a killed run leaves behind, and how they are swept ----------------------
 
 LOCK_NAME = ".lock"
+NEW_PREFIX = ".new"  # a work folder's name until it is locked
 # Loose temporary files carry no lock: one untouched this long belongs to a dead writer (a live
 # one writes to it continuously).
 STALE_AFTER_SECONDS = 3600
@@ -49,11 +60,16 @@ def work_folder(parent: Path, prefix: str, *, patterns: tuple[str, ...] = ()) ->
     after; leftovers of dead runs with the same prefix (and old files matching `patterns`) are
     swept first, never a live run's."""
     parent.mkdir(parents=True, exist_ok=True)
-    sweep_stale(parent, prefix, patterns=patterns)
-    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
-    lock = (folder / LOCK_NAME).open("w")
+    sweep_stale(parent, prefix, patterns=(*patterns, f"{NEW_PREFIX}{prefix}*"))
+    # Made and locked under a name no sweep of `prefix` matches, then renamed: a sweeper can
+    # never find the folder with its lock still free.
+    fresh = Path(tempfile.mkdtemp(prefix=f"{NEW_PREFIX}{prefix}", dir=parent))
+    lock = (fresh / LOCK_NAME).open("w")
+    folder = fresh
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        folder = parent / fresh.name[len(NEW_PREFIX) :]
+        fresh.rename(folder)
         yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -88,7 +104,11 @@ def sweep_stale(parent: Path, prefix: str, *, patterns: tuple[str, ...] = ()) ->
     for pattern in patterns:
         for path in parent.glob(pattern):
             with contextlib.suppress(OSError):
-                if path.is_file() and now - path.stat().st_mtime > STALE_AFTER_SECONDS:
+                if path.is_symlink() or now - path.stat().st_mtime <= STALE_AFTER_SECONDS:
+                    continue
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
                     path.unlink()
-                    removed.append(path)
+                removed.append(path)
     return removed

@@ -22,13 +22,15 @@ from builder.budget import (
     Budget,
     base_sizes,
     budget_document,
-    estimate,
     files_bytes,
     human_size,
     image_estimate,
+    over_budget_error,
+    plan_budget,
 )
 from builder.dockerfile import WorkerPlan
-from builder.errors import BadInputError, DockerError, OverBudgetError
+from builder.errors import BadInputError, DockerError
+from builder.secrets import has_credentials, malformed_userinfo
 
 Line = Callable[[str], None]
 
@@ -60,51 +62,6 @@ def local_image_bytes(client: Any | None, image: str) -> int | None:
         return int(client.images.get(image).attrs["Size"])
     except (docker.errors.ImageNotFound, docker.errors.APIError, KeyError, ValueError):
         return None
-
-
-def plan_budget(
-    plan: WorkerPlan,
-    *,
-    base_image: str,
-    context_bytes: int,
-    context_source: str,
-    engine: Any | None,
-    push: bool,
-    budget_bytes: int = DEFAULT_BUDGET_BYTES,
-) -> Budget:
-    target = plan.profile.target
-    base = base_sizes(
-        base_image,
-        target.base_image_download_bytes,
-        target.base_image_bytes,
-        local_image_bytes(engine, base_image),
-    )
-    return estimate(
-        base,
-        context_bytes=context_bytes,
-        context_source=context_source,
-        light_bytes=plan.light_bytes,
-        light_source=(
-            "measured: the light lock installed for the target by uv"
-            if plan.light
-            else "no [light] set"
-        ),
-        code_bytes=plan.copied_bytes,
-        code_source="measured: the files the Dockerfile copies"
-        + (
-            " (not counted: the CA bundle update-ca-certificates rewrites)"
-            if plan.spec.certs
-            else ""
-        ),
-        push=push,
-        budget_bytes=budget_bytes,
-    )
-
-
-def over_budget_error(budget: Budget, rendered: str) -> OverBudgetError:
-    return OverBudgetError(
-        f"the build needs more disk than the agent has:\n{rendered}\nnothing was written or built"
-    )
 
 
 # --- staging and building ----------------------------------------------------------------------
@@ -262,15 +219,14 @@ class BuildResult:
 
 
 def check_build_args(buildargs: Mapping[str, str]) -> None:
-    from urllib.parse import urlsplit
-
+    """A build argument is written into the image history: no index credentials in one."""
     for key in ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL"):
         value = buildargs.get(key)
-        if value and any(urlsplit(url).password for url in value.split()):
+        if value and any(has_credentials(url) or malformed_userinfo(url) for url in value.split()):
             raise BadInputError(
-                f"--build-arg {key} carries a password, and a build argument is written into"
-                " the image history; give pip its index through the base image's pip.conf"
-                " instead"
+                f"--build-arg {key} carries credentials (a user name, password or token), and a"
+                " build argument is written into the image history; give pip its index through"
+                " the base image's pip.conf or a build secret instead"
             )
 
 
@@ -292,11 +248,11 @@ def build_image(
         context = Path(work) / "context"
         staged = stage_context(plan, context)
         budget = plan_budget(
-            plan,
+            plan.budget_inputs,
             base_image=base_image,
+            local_base_bytes=local_image_bytes(client, base_image),
             context_bytes=staged,
             context_source="measured: the staged context (only what the Dockerfile copies)",
-            engine=client,
             push=push_image,
             budget_bytes=budget_bytes,
         )

@@ -1,8 +1,9 @@
-"""The initContainer script (DESIGN.md, "The initContainer"): rendering is pure, I/O at the edges.
+"""The initContainer script (docs/design.md#the-init-script): rendering is pure.
 
-`render_init_script` fills scripts/init.sh.tmpl with one manifest's pins: its digest, every
-shard's sha256, size and file count, and the folders to create before parallel extraction.
-The template's header comment explains the layout on the volume and the atomic switch.
+`render_init_script` fills builder/data/init.sh.tmpl with one manifest's pins: its digest,
+every shard's sha256, size and file count, and the folders to create before parallel
+extraction. The template's header comment explains the layout on the volume, why only
+verified bytes are unpacked, and the atomic switch.
 """
 
 from __future__ import annotations
@@ -14,19 +15,15 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-from builder.errors import BadInputError, IntegrityError, NotPublishedError
+from builder.errors import BadInputError, IntegrityError
+from builder.fields import PROFILE_NAME, SHA256
 from builder.files import write_atomically
-from builder.lock import Lock, parse_lock, read_lock
-from builder.manifest import Manifest, manifest_from_bytes
-from builder.profile import Profile
-from builder.resolve import default_lock_path, sources_digest
+from builder.lock import parse_lock
+from builder.manifest import Manifest
 from builder.secrets import has_credentials, malformed_userinfo, redact_url
-from builder.store import Store, open_store
 
 FALLBACKS = ("pip",)
 _TEMPLATE_NAME = "init.sh.tmpl"
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_PROFILE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 # Bytes a shell here-document line may not hold; the tree's folder names become such lines.
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 _LABEL_LIMIT = 60
@@ -41,17 +38,12 @@ _HEREDOC_MARKERS = (
 
 
 def template_text() -> str:
-    """The template: shipped as package data when installed, else read from the checkout."""
-    packaged = resources.files("builder").joinpath("data", _TEMPLATE_NAME)
-    if packaged.is_file():
-        return packaged.read_text(encoding="utf-8")
-    return (Path(__file__).resolve().parent.parent / "scripts" / _TEMPLATE_NAME).read_text(
-        encoding="utf-8"
-    )
+    """The template, shipped inside the package (builder/data/init.sh.tmpl)."""
+    return (resources.files("builder") / "data" / _TEMPLATE_NAME).read_text(encoding="utf-8")
 
 
 def check_store_url(url: str) -> str:
-    """The URL written into the script: never a secret (DESIGN.md), and one curl can read."""
+    """The URL written into the script: never a secret (docs/design.md#secrets), and one curl can read."""
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http", "file"):
         raise BadInputError(
@@ -107,7 +99,7 @@ def shard_table(manifest: Manifest) -> list[str]:
     """Largest first, so the long downloads start at once."""
     lines = []
     for shard in sorted(manifest.shards, key=lambda s: (-s.bytes, s.sha256)):
-        if not _SHA256.match(shard.sha256):
+        if not SHA256.match(shard.sha256):
             raise IntegrityError(f"manifest shard {shard.sha256!r} is not a sha256 digest")
         label = shard_label(tuple(shard.packages))
         if _UNSAFE.search(label) or " " in label:
@@ -183,9 +175,9 @@ def render_init_script(
     `fallback_lock`, the lock's text, builds in `--fallback pip`: used only when the store cannot
     be reached, never after a verification failure.
     """
-    if not _SHA256.match(manifest.digest):
+    if not SHA256.match(manifest.digest):
         raise IntegrityError(f"manifest digest {manifest.digest!r} is not a sha256 digest")
-    if not _PROFILE.match(manifest.profile):
+    if not PROFILE_NAME.match(manifest.profile):
         raise IntegrityError(f"manifest profile {manifest.profile!r} is not a profile name")
     install_dir = manifest.install_dir
     if not install_dir.startswith("/") or _UNSAFE.search(install_dir) or install_dir == "/":
@@ -216,74 +208,6 @@ def render_init_script(
 
 
 # --- I/O edges ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Published:
-    """A profile's current lock and the manifest a store holds for its digest."""
-
-    manifest: Manifest
-    lock_text: str
-    lock_path: Path
-    store_base_url: str
-    store_display_url: str
-
-
-def lock_for_profile(profile: Profile, lock_path: Path | None) -> tuple[Lock, Path]:
-    """The profile's current lock; an error that says to resolve when it is missing or stale."""
-    path = lock_path or default_lock_path(profile)
-    if not path.is_file():
-        raise BadInputError(
-            f"{path}: no lock yet; run `gpubuild publish-cache {profile.path}` (or resolve) first"
-        )
-    lock = read_lock(path)
-    wanted = (profile.name, profile.target.python, profile.target.platform)
-    if (lock.profile, lock.python, lock.platform) != wanted:
-        raise BadInputError(
-            f"{path} is for {lock.profile} (python {lock.python} on {lock.platform}), not "
-            f"{wanted[0]} (python {wanted[1]} on {wanted[2]}); run `gpubuild resolve` again"
-        )
-    target = (profile.target.interpreter, profile.target.install_dir)
-    if (lock.interpreter, lock.install_dir) != target or lock.sources != sources_digest(profile):
-        raise BadInputError(
-            f"{path} is stale: {profile.path} or its base snapshot changed since it was written;"
-            f" run `gpubuild publish-cache {profile.path}` again (it resolves, packs and"
-            " publishes the new set)"
-        )
-    return lock, path
-
-
-def fetch_manifest(store: Store, profile: str, digest: str) -> Manifest:
-    """The published manifest for `digest`; NotPublishedError says to run publish-cache."""
-    try:
-        data = store.get_manifest(profile, digest)
-    except NotPublishedError:
-        raise NotPublishedError(
-            f"{store.display_url} has no manifest for {profile} {digest[:12]} (the digest of "
-            "the profile's current lock): run `gpubuild publish-cache` for the profile with "
-            "this --store first"
-        ) from None
-    manifest = manifest_from_bytes(data, where=store.manifest_url(profile, digest))
-    if manifest.digest != digest or manifest.profile != profile:
-        raise IntegrityError(
-            f"{store.manifest_url(profile, digest)} describes {manifest.profile} "
-            f"{manifest.digest[:12]}, not {profile} {digest[:12]}: publish it again"
-        )
-    return manifest
-
-
-def find_published(profile: Profile, store_url: str, lock_path: Path | None = None) -> Published:
-    """The manifest of the profile's current lock, read from the store at `store_url`."""
-    lock, path = lock_for_profile(profile, lock_path)
-    store = open_store(store_url)
-    manifest = fetch_manifest(store, profile.name, lock.digest())
-    return Published(
-        manifest=manifest,
-        lock_text=path.read_text(encoding="utf-8"),
-        lock_path=path,
-        store_base_url=store.base_url,
-        store_display_url=store.display_url,
-    )
 
 
 def write_script(path: Path, text: str, mode: int = 0o755) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +26,14 @@ from packaging.version import InvalidVersion, Version
 
 from builder.budget import human_size
 from builder.errors import BadInputError, PolicyViolationError
+from builder.indexes import IndexSettings, real_index_urls
+from builder.install import materialise
 from builder.lock import Lock, Pinned
-from builder.pack import materialise
 from builder.profile import Profile
-from builder.resolve import IndexSettings, ResolveResult, real_index_urls, resolve
+from builder.progress import Progress, silent
+from builder.resolve import ResolveResult
 from builder.tree import list_tree, read_distributions
 
-Progress = Callable[[str], None]
 MB = 10**6
 DEFAULT_MAX_LIGHT_BYTES = 100 * MB
 _DEFAULT_SETTINGS = IndexSettings()
@@ -40,7 +41,7 @@ PROFILE_MARK = "(profile)"  # how a lock's `# via` names a requirement listed in
 
 # Distributions that only make sense next to a GPU: CUDA runtimes and frameworks built on them.
 # torch finds its nvidia-* libraries by relative path, so none of these may be split between
-# the image and /shared-packages (DESIGN.md). Canonical names, fnmatch patterns.
+# the image and /shared-packages (docs/design.md#the-pipeline). Canonical names, fnmatch patterns.
 GPU_PACKAGES = (
     "nvidia-*",
     "torch",
@@ -213,7 +214,7 @@ def measure(
     lock: Lock,
     profile: Profile,
     settings: IndexSettings,
-    on_progress: Progress | None = None,
+    on_progress: Progress = silent,
 ) -> dict[str, int]:
     """Installed bytes of each distribution of the lock, installed for the target by uv."""
     if not lock.packages:
@@ -244,42 +245,35 @@ def measured_packages(lock: Lock, sizes: Mapping[str, int]) -> tuple[LightPackag
     )
 
 
-def prepare_light(
+def check_light_set(
     profile: Profile,
-    heavy: Lock,
+    resolved: ResolveResult,
+    provided: Mapping[str, str],
     *,
-    lock_path: Path,
     settings: IndexSettings = _DEFAULT_SETTINGS,
     max_bytes: int | None = DEFAULT_MAX_LIGHT_BYTES,
-    on_progress: Progress | None = None,
+    on_progress: Progress = silent,
 ) -> LightSet:
-    """Resolve, check and measure the profile's light set; PolicyViolationError when it is not."""
-    report = on_progress or (lambda message: None)
+    """Check and measure the light set's lock (resolved on top of the heavy set, whose pins are
+    `provided`); PolicyViolationError when a GPU package or a big one is in it."""
+    report = on_progress
     check_requirement_names(profile, profile.light)
-    heavy_pins = {p.name: p.version for p in heavy.packages}
-    result: ResolveResult = resolve(
-        profile,
-        lock_path=lock_path,
-        settings=settings,
-        requirements=profile.light,
-        provided=heavy_pins,
-        set_name="light",
-    )
-    lock = result.lock
+    lock = resolved.lock
     unmeasured = tuple(
         LightPackage(p.name, p.version, 0, requested_by(lock, p.name)) for p in lock.packages
     )
     gpu = split_findings(unmeasured, None)
     if gpu:
-        raise split_error(profile, gpu, f"resolved into {result.lock_path}")
+        raise split_error(profile, gpu, f"resolved into {resolved.lock_path}")
     report(f"measuring the light set: installing {len(lock.packages)} package(s) for the target")
-    packages = measured_packages(lock, measure(result.lock_path, lock, profile, settings, report))
+    sizes = measure(resolved.lock_path, lock, profile, settings, report)
+    packages = measured_packages(lock, sizes)
     large = split_findings(packages, max_bytes)
     if large:
-        raise split_error(profile, large, f"measured from {result.lock_path}")
-    from_heavy = tuple(p for p in lock.provided_by_base if p.name in heavy_pins)
-    from_base = tuple(p for p in lock.provided_by_base if p.name not in heavy_pins)
-    return LightSet(lock, result.lock_path, result.rewritten, packages, from_heavy, from_base)
+        raise split_error(profile, large, f"measured from {resolved.lock_path}")
+    from_heavy = tuple(p for p in lock.provided_by_base if p.name in provided)
+    from_base = tuple(p for p in lock.provided_by_base if p.name not in provided)
+    return LightSet(lock, resolved.lock_path, resolved.rewritten, packages, from_heavy, from_base)
 
 
 # --- gpubuild split -----------------------------------------------------------------------------
@@ -357,32 +351,6 @@ def classify(
         else:
             light.append(SplitLine(text, ()))
     return tuple(heavy), tuple(light)
-
-
-def propose_split(
-    profile: Profile,
-    source: Path,
-    *,
-    settings: IndexSettings = _DEFAULT_SETTINGS,
-    max_bytes: int = DEFAULT_MAX_LIGHT_BYTES,
-    on_progress: Progress | None = None,
-) -> SplitProposal:
-    """Resolve the whole file for the profile's target, measure it, and split it in two."""
-    requirements = read_requirements(source)
-    with tempfile.TemporaryDirectory(prefix="gpubuild-split-") as work:
-        lock_path = Path(work) / "split.lock"
-        result = resolve(
-            profile,
-            lock_path=lock_path,
-            settings=settings,
-            requirements=requirements,
-            set_name=f"{source.name}",
-        )
-        lock = result.lock
-        sizes = measure(lock_path, lock, profile, settings, on_progress)
-    packages = measured_packages(lock, sizes)
-    heavy, light = classify(requirements, packages, max_bytes)
-    return SplitProposal(source, heavy, light, packages, lock.provided_by_base, max_bytes)
 
 
 def render_toml_lists(heavy: Iterable[str], light: Iterable[str]) -> str:

@@ -17,6 +17,7 @@ from packaging.utils import canonicalize_name
 
 from builder.errors import BadInputError, FormatError
 from builder.fields import PACKAGE_NAME, PROFILE_NAME, Fields, install_dir_problem
+from builder.profile import Profile
 
 # 2: the target's interpreter and install folder are part of the lock (and of the digest).
 # 3: `sources`, the sha256 of the profile and base snapshot the lock was resolved from.
@@ -75,6 +76,29 @@ class Lock:
     shadowed: tuple[Shadowed, ...] = ()
     warnings: tuple[str, ...] = field(default=())
 
+    def staleness(self, profile: Profile, inputs: str | None = None) -> tuple[str, ...]:
+        """Why this lock is not current for `profile` (empty: it is): the one freshness rule.
+
+        `sources` tells an edited profile or snapshot apart without resolving again; `inputs`,
+        when the caller knows this run's (index settings, backend, gpubuild version), also
+        tells those apart (rule 7)."""
+        target = profile.target
+        reasons = []
+        if self.profile != profile.name:
+            reasons.append(f"it is for profile {self.profile!r}, not {profile.name!r}")
+        if (self.python, self.platform) != (target.python, target.platform):
+            reasons.append(
+                f"it is for python {self.python} on {self.platform}, the profile targets python"
+                f" {target.python} on {target.platform}"
+            )
+        if (self.interpreter, self.install_dir) != (target.interpreter, target.install_dir):
+            reasons.append("the profile's interpreter or install folder changed")
+        if self.sources != profile.sources:
+            reasons.append(f"{profile.path.name} or its base snapshot changed since it was written")
+        if inputs is not None and not reasons and self.inputs != inputs:
+            reasons.append("the index settings, the resolver or gpubuild's version changed")
+        return tuple(reasons)
+
     def body(self) -> str:
         """The installable part: what the artifact digest covers."""
         lines: list[str] = []
@@ -91,7 +115,7 @@ class Lock:
         return "\n".join(lines) + "\n"
 
     def digest(self) -> str:
-        """Hash of what decides the artifact: lock body, target and format (DESIGN.md, "Pack")."""
+        """Hash of what decides the artifact: lock body, target and format (docs/design.md#lock)."""
         material = json.dumps(
             {
                 "format": ARTIFACT_FORMAT,
@@ -163,6 +187,10 @@ def render_lock(
 
 
 _VERSION_TEXT = re.compile(r"^[A-Za-z0-9.+!_-]{1,64}$")
+_HEADER_FIELDS = {
+    "format", "profile", "python", "platform", "interpreter", "install_dir", "sources",
+    "inputs", "backend", "provided_by_base", "excluded", "shadowed", "warnings",
+}  # fmt: skip
 
 
 def read_lock(path: Path) -> Lock:
@@ -204,10 +232,19 @@ def parse_lock(text: str, where: object) -> Lock:
     problem = install_dir_problem(install_dir)
     if problem:
         raise report.fail("install_dir", problem)
+    report.only(_HEADER_FIELDS)
     try:
         packages = tuple(parse_compiled(text))
     except (ValueError, TypeError) as exc:
         raise FormatError(where, None, f"unreadable pins ({exc}); resolve again") from None
+    for package in packages:
+        if not package.hashes or not _VERSION_TEXT.match(package.version):
+            raise FormatError(
+                where,
+                f"pin {package.name}",
+                "has no --hash=sha256:... or no version; resolve again (pip and uv install"
+                " a lock only with every hash)",
+            )
     return Lock(
         profile=report.string("profile", pattern=PROFILE_NAME),
         python=report.string("python"),
@@ -246,6 +283,20 @@ def _version(fields: Fields, key: str) -> str:
     return fields.string(key, pattern=_VERSION_TEXT)
 
 
+@dataclass
+class _PinBeingRead:
+    name: str
+    version: str
+    hashes: list[str]
+    index: str | None = None
+    via: list[str] = field(default_factory=list)
+
+    def package(self) -> LockedPackage:
+        return LockedPackage(
+            self.name, self.version, tuple(self.hashes), self.index, tuple(self.via)
+        )
+
+
 def parse_compiled(text: str) -> list[LockedPackage]:
     """Parse a compiled requirements file (uv's, pip-compile's, or ours) into pinned packages.
 
@@ -253,21 +304,8 @@ def parse_compiled(text: str) -> list[LockedPackage]:
     forms, uv's `# from URL` index annotation and our `# index: URL`.
     """
     packages: list[LockedPackage] = []
-    current: dict[str, object] | None = None
+    current: _PinBeingRead | None = None
     in_via = False
-
-    def flush() -> None:
-        if current is not None:
-            packages.append(
-                LockedPackage(
-                    name=str(current["name"]),
-                    version=str(current["version"]),
-                    hashes=tuple(current["hashes"]),  # type: ignore[arg-type]
-                    index_url=current["index"],  # type: ignore[arg-type]
-                    required_by=tuple(current["via"]),  # type: ignore[arg-type]
-                )
-            )
-
     for raw in text.splitlines():
         if not raw.strip():
             continue
@@ -276,32 +314,30 @@ def parse_compiled(text: str) -> list[LockedPackage]:
             match = _PIN.match(raw)
             if raw.startswith("#") or raw.startswith("-") or not match:
                 continue
-            flush()
-            current = {
-                "name": canonicalize_name(match["name"]),
-                "version": match["version"],
-                "hashes": _HASH.findall(raw),
-                "index": None,
-                "via": [],
-            }
+            if current is not None:
+                packages.append(current.package())
+            current = _PinBeingRead(
+                canonicalize_name(match["name"]), match["version"], _HASH.findall(raw)
+            )
             continue
         if current is None:
             continue
         line = raw.strip()
         if line.startswith("--hash="):
             in_via = False
-            current["hashes"].extend(_HASH.findall(line))  # type: ignore[union-attr]
+            current.hashes.extend(_HASH.findall(line))
         elif line.startswith("# via"):
             rest = line[len("# via") :].strip()
             in_via = not rest
             if rest:
-                current["via"].extend(_via_names(rest))  # type: ignore[union-attr]
+                current.via.extend(_via_names(rest))
         elif line.startswith("# from ") or line.startswith("# index: "):
             in_via = False
-            current["index"] = line.split(" ", 2)[2].strip()
+            current.index = line.split(" ", 2)[2].strip()
         elif in_via and line.startswith("#"):
-            current["via"].extend(_via_names(line.lstrip("#").strip()))  # type: ignore[union-attr]
-    flush()
+            current.via.extend(_via_names(line.lstrip("#").strip()))
+    if current is not None:
+        packages.append(current.package())
     return packages
 
 

@@ -1,4 +1,4 @@
-"""The artifact manifest (DESIGN.md, "Pack: the artifact contract"), read and written in one place."""
+"""The artifact manifest (docs/design.md#manifest), read and written in one place."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def _package(fields: Fields) -> PackageEntry:
 
 
 def manifest_key(profile: str, digest: str) -> str:
-    """Where a manifest lives in a store, relative to the store's root (DESIGN.md, "Stores")."""
+    """Where a manifest lives in a store, relative to the store's root (docs/design.md#stores)."""
     return f"{profile}/{digest}/manifest.json"
 
 

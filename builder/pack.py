@@ -1,17 +1,17 @@
-"""Pack: materialise a lock for its target, fix the tree for its new home, write shards + manifest.
+"""Pack: a lock materialised for its target (install.py), the tree fixed for its new home
+(tree.py), written as reproducible, content-addressed shards and a manifest, last.
 
-DESIGN.md "Pack: the artifact contract". The order on disk is what makes a half-done run
-harmless: shards are written under temporary names and renamed to their sha256 only when
-complete, and the manifest, which is what every reader looks for, is written last.
+docs/design.md#artifact. The order on disk is what makes a half-done run harmless: shards are
+written in this run's locked work folder and renamed to their sha256 only when complete, and
+the manifest, which is what every reader looks for, is written last.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
+import io
 import os
-import shutil
 import tarfile
 import tempfile
 import time
@@ -19,34 +19,25 @@ from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import zstandard
-from packaging.version import Version
 
-from builder.base import read_snapshot
-from builder.errors import (
-    DiskFullError,
-    GpubuildError,
-    IntegrityError,
-    PolicyViolationError,
-    ToolFailedError,
-)
 from builder.files import work_folder, write_atomically
+from builder.indexes import IndexSettings, real_index_urls
+from builder.install import check_tree, disk_error, materialise
 from builder.lock import Lock
 from builder.manifest import (
     Manifest,
     PackageEntry,
     Shard,
     blob_key,
-    manifest_from_bytes,
     manifest_key,
     manifest_to_bytes,
 )
 from builder.profile import Profile
 from builder.progress import Progress, Step, silent
-from builder.resolve import IndexSettings, real_index_urls, resolve
-from builder.secrets import redact_url, scrub
-from builder.tools import run_uv
+from builder.stores import FileLocation, FileStore, default_store_url, parse_store_url
 from builder.tree import (
     Entry,
     Listing,
@@ -61,6 +52,7 @@ from builder.tree import (
     pth_note,
     read_distributions,
 )
+from builder.units import megabytes, rate
 
 DEFAULT_SHARD_THRESHOLD = 16 * 2**20
 ZSTD_LEVEL = 3  # fast; the shards are written once and unpacked at every pod start
@@ -72,8 +64,6 @@ _COPY_BUFFER = 2**20
 WORK_PREFIX = ".pack-"
 # Temporary files an older gpubuild, or a killed store write, left in a store folder.
 LEFTOVERS = ("blobs/.shard-*.partial", "blobs/.*.tmp", "*/*/.manifest.json.*.partial")
-# uv's lines worth passing on while it installs (it prints them without a terminal too).
-_UV_PROGRESS = ("Downloading ", "Downloaded ", "Prepared ", "Installed ")
 _DEFAULT_SETTINGS = IndexSettings()
 
 
@@ -84,30 +74,34 @@ class PackResult:
     out_dir: Path
     reused: bool
     repaired: tuple[Shard, ...] = ()  # damaged blobs that a repair packed again
+    written: tuple[Shard, ...] = ()  # shards whose blobs this pack added to out_dir
 
 
 # --- shards -----------------------------------------------------------------------------------
 
 
-class _Hashing:
-    """A write-only file object that hashes and counts the bytes it passes on."""
+class _Hashing(io.RawIOBase):
+    """A write-only stream that hashes and counts the bytes it passes on to `target`."""
 
-    def __init__(self, target: object) -> None:
+    def __init__(self, target: BinaryIO) -> None:
+        super().__init__()
         self.target = target
         self.sha256 = hashlib.sha256()
         self.count = 0
 
-    def write(self, data: bytes) -> int:
-        self.sha256.update(data)
-        self.count += len(data)
-        self.target.write(data)  # type: ignore[attr-defined]
-        return len(data)
+    def writable(self) -> bool:
+        return True
+
+    # typeshed spells the argument ReadableBuffer, a name only a stub has: this is the same.
+    def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(data)
+        self.sha256.update(view)
+        self.count += view.nbytes
+        self.target.write(view)
+        return view.nbytes
 
     def tell(self) -> int:  # tarfile asks where it is when it opens for writing
         return self.count
-
-    def flush(self) -> None:
-        pass
 
 
 def _tar_info(entry: Entry, size: int) -> tarfile.TarInfo:
@@ -146,13 +140,18 @@ def write_shard(
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb", buffering=_COPY_BUFFER) as output:
             compressed = _Hashing(output)
+            # zstandard and tarfile ask for a file object; _Hashing is one (a raw writer).
+            compressed_io = cast(BinaryIO, compressed)
             compressor = zstandard.ZstdCompressor(
                 level=ZSTD_LEVEL, threads=_zstd_threads(), write_checksum=True
             )
-            with compressor.stream_writer(compressed, closefd=False) as zstd_stream:
-                raw = _Hashing(zstd_stream)
+            with compressor.stream_writer(compressed_io, closefd=False) as zstd_stream:
+                raw = _Hashing(cast(BinaryIO, zstd_stream))
                 archive = tarfile.TarFile(
-                    fileobj=raw, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_BUFFER
+                    fileobj=cast(BinaryIO, raw),
+                    mode="w",
+                    format=tarfile.PAX_FORMAT,
+                    copybufsize=_COPY_BUFFER,
                 )
                 for path in plan.paths:
                     entry = entries[path]
@@ -273,7 +272,7 @@ def write_artifact(
     try:
         write_atomically(path, manifest_to_bytes(manifest))
     except OSError as exc:
-        raise _disk_error(exc, out_dir, "writing the manifest", 0) from None
+        raise disk_error(exc, out_dir, "writing the manifest", 0) from None
     return manifest
 
 
@@ -304,7 +303,7 @@ def _write_shards(
                     # Running shards remove their own temporary files; wait for them first.
                     pool.shutdown(wait=True, cancel_futures=True)
                     if isinstance(error, OSError):
-                        raise _disk_error(error, blobs.parent, "writing shards", total) from None
+                        raise disk_error(error, blobs.parent, "writing shards", total) from None
                     raise error
                 shard, seconds = future.result()
                 shards.append(shard)
@@ -313,8 +312,8 @@ def _write_shards(
                         len(shards),
                         len(order),
                         f"shard {', '.join(shard.packages) or '(files no distribution claims)'}:"
-                        f" {_mb(shard.raw_bytes)} -> {_mb(shard.bytes)} in {seconds:.1f} s"
-                        f" ({_rate(shard.raw_bytes, seconds)})",
+                        f" {megabytes(shard.raw_bytes)} -> {megabytes(shard.bytes)} in {seconds:.1f} s"
+                        f" ({rate(shard.raw_bytes, seconds)})",
                     )
                 )
     finally:
@@ -323,8 +322,8 @@ def _write_shards(
     seconds = time.monotonic() - started
     raw = sum(s.raw_bytes for s in shards)
     report(
-        f"packed {len(shards)} shard{'s' * (len(shards) != 1)}: {_mb(raw)} ->"
-        f" {_mb(sum(s.bytes for s in shards))} in {seconds:.1f} s ({_rate(raw, seconds)})"
+        f"packed {len(shards)} shard{'s' * (len(shards) != 1)}: {megabytes(raw)} ->"
+        f" {megabytes(sum(s.bytes for s in shards))} in {seconds:.1f} s ({rate(raw, seconds)})"
     )
     return shards
 
@@ -337,203 +336,30 @@ def _timed_shard(
     return shard, time.monotonic() - started
 
 
-def _mb(count: int) -> str:
-    return f"{count / 1e3:.1f} kB" if count < 100_000 else f"{count / 1e6:.1f} MB"
-
-
-def _rate(count: int, seconds: float) -> str:
-    return f"{count / 1e6 / max(seconds, 1e-6):.0f} MB/s"
-
-
-def _disk_error(exc: OSError, where: Path, doing: str, needed: int) -> GpubuildError:
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-        return GpubuildError(f"{doing} in {where} failed: {exc}")
-    free = shutil.disk_usage(where).free if where.exists() else 0
-    need = (
-        f" the tree is {_mb(needed)} installed and its shards need up to that much;"
-        if needed
-        else ""
-    )
-    return DiskFullError(
-        f"out of disk space in {where} while {doing}:{need} {_mb(free)} free now."
-        " Free some space or pack into a folder on a bigger disk (--out DIR)."
-        " Nothing half-written was kept: without a manifest the digest counts as not packed."
-    )
-
-
-# --- materialise --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class InstallPass:
-    index_url: str | None  # None: uv's default index (or the user's uv configuration)
-    requirements: str  # name==version --hash=... lines
-
-
-def install_passes(
-    lock: Lock, real_urls: Mapping[str, str] | None = None, default_url: str | None = None
-) -> list[InstallPass]:
-    """One uv pass per index (DESIGN.md rule 4): each package is fetched from its own index only.
-
-    The lock records redacted URLs; `real_urls` maps them back to the URL with credentials.
-    A package the lock names no index for (pip-tools locks) comes from `default_url`, or from
-    uv's default when that is None.
-    """
-    groups: dict[str | None, list[str]] = {}
-    for package in sorted(lock.packages, key=lambda p: p.name):
-        hashes = " ".join(f"--hash={h}" for h in sorted(package.hashes))
-        groups.setdefault(package.index_url, []).append(
-            f"{package.name}=={package.version} {hashes}"
-        )
-    real_urls = real_urls or {}
-    return [
-        InstallPass(
-            real_urls.get(url.rstrip("/"), url) if url else default_url, "\n".join(lines) + "\n"
-        )
-        for url, lines in sorted(groups.items(), key=lambda item: item[0] or "")
-    ]
-
-
-def materialise(
-    lock_path: Path,
-    lock: Lock,
-    dest: Path,
-    *,
-    python: str,
-    platform: str,
-    real_urls: Mapping[str, str] | None = None,
-    default_url: str | None = None,
-    on_progress: Progress = silent,
-) -> None:
-    """Install the lock into the empty folder `dest` for the target, without building anything.
-
-    `real_urls` and `default_url` as for `install_passes`.
-    """
-    report = on_progress
-    dest.mkdir(parents=True, exist_ok=True)
-    if any(dest.iterdir()):
-        raise GpubuildError(f"{dest} is not empty; uv --target is only safe into an empty folder")
-    passes = install_passes(lock, real_urls, default_url)
-    with tempfile.TemporaryDirectory(prefix="gpubuild-pack-") as work:
-        for number, step in enumerate(passes, start=1):
-            requirements = Path(work) / f"pass-{number}.txt"
-            requirements.write_text(step.requirements, encoding="utf-8")
-            shown = redact_url(step.index_url) if step.index_url else "the default index"
-            report(
-                f"installing {step.requirements.count(chr(10))} package(s) from {shown}"
-                f" (pass {number}/{len(passes)})"
-            )
-            args = [
-                "pip", "install", "--target", str(dest), "--python-version", python,
-                "--python-platform", platform, "--no-deps", "--require-hashes", "--no-build",
-                "--no-installer-metadata", "--no-compile", "--link-mode", "copy",
-                "--no-python-downloads", "-r", str(requirements),
-            ]  # fmt: skip
-            if step.index_url:
-                args += ["--default-index", step.index_url]
-            completed = run_uv(args, on_line=lambda line: _uv_line(line, report))
-            if completed.returncode != 0:
-                raise _install_error(completed.stderr, lock_path, dest, shown)
-
-
-def _uv_line(line: str, report: Progress) -> None:
-    text = line.strip()
-    if text.startswith(_UV_PROGRESS):
-        report(f"  uv: {text}")
-
-
-def _install_error(stderr: str, lock_path: Path, dest: Path, index: str) -> GpubuildError:
-    text = scrub(stderr.strip())  # never echo credentials
-    if "No space left on device" in text or "os error 28" in text:
-        used = sum(e.size for e in list_tree(dest).entries) if dest.is_dir() else 0
-        free = shutil.disk_usage(dest.parent).free
-        cause = [line.strip() for line in text.splitlines() if "os error 28" in line]
-        return DiskFullError(
-            f"out of disk space while installing {lock_path} into {dest}: a file did not fit"
-            f" with {_mb(used)} of the tree installed and {_mb(free)} free. The tree and then"
-            " its shards (up to the tree's size again) must fit on that disk: free some space"
-            " or pack into a folder on a bigger disk (--out DIR).\nuv: "
-            + (cause[0] if cause else text.splitlines()[-1])
-        )
-    if "hash mismatch" in text.lower():
-        return IntegrityError(
-            f"a wheel from {index} does not match the hash in {lock_path}; resolve again if the"
-            f" index really changed it:\n{text}"
-        )
-    return ToolFailedError(f"uv could not install {lock_path} from {index}:\n{text}")
-
-
-# --- fix and check ------------------------------------------------------------------------------
-
-
-def check_tree(tree: Path, lock: Lock, profile: Profile) -> None:
-    """Defensive scan of the finished tree: exactly the lock, nothing the policy forbids."""
-    listing = list_tree(tree)
-    installed = {d.name: d.version for d in read_distributions(tree, listing)}
-    snapshot = read_snapshot(profile.target.base_packages)
-    locked = {p.name: p.version for p in lock.packages}
-    problems = []
-
-    def same(a: str | None, b: str | None) -> bool:
-        return a is not None and b is not None and Version(a) == Version(b)
-
-    for name, version in sorted(installed.items()):
-        base_version = snapshot.version_of(name)
-        if name in profile.policy.exclude:
-            problems.append(f"{name}=={version} is excluded by [policy] exclude")
-        elif (
-            base_version is not None
-            and not same(base_version, version)
-            and name not in profile.policy.allow_shadow
-        ):
-            problems.append(
-                f"{name}=={version} would shadow the base image's {name}=={base_version}"
-                " (not in [policy] allow_shadow)"
-            )
-        elif not same(locked.get(name), version):
-            problems.append(f"{name}=={version} is not in the lock")
-    for name, version in sorted(locked.items()):
-        if name not in installed:
-            problems.append(f"{name}=={version} is in the lock but was not installed")
-    if problems:
-        raise PolicyViolationError(
-            f"the materialised tree for {profile.name} breaks {profile.path}'s policy or the"
-            " lock; nothing was packed:\n  " + "\n  ".join(problems)
-        )
-
-
 # --- the whole stage ----------------------------------------------------------------------------
 
 
 def reusable_manifest(out_dir: Path, profile: str, digest: str) -> Manifest | None:
     """The packed manifest for this digest when it and every shard it names are complete."""
-    path = out_dir / manifest_key(profile, digest)
-    try:
-        manifest = manifest_from_bytes(path.read_bytes(), where=str(path))
-    except (OSError, GpubuildError):  # a damaged local manifest: pack again
-        return None
-    if manifest.digest != digest or manifest.profile != profile:
-        return None
-    for shard in manifest.shards:
-        blob = out_dir / blob_key(shard.sha256)
-        if not blob.is_file() or blob.stat().st_size != shard.bytes:
-            return None
-    return manifest
+    return FileStore(out_dir).complete_manifest(profile, digest)
 
 
 def pack(
+    lock: Lock,
     profile: Profile,
     *,
-    lock_path: Path | None,
+    lock_path: Path,
     out_dir: Path,
     settings: IndexSettings = _DEFAULT_SETTINGS,
     on_progress: Progress = silent,
     shard_threshold: int = DEFAULT_SHARD_THRESHOLD,
 ) -> PackResult:
-    """Resolve when needed, then materialise, fix, check and write the artifact of the lock."""
+    """Materialise `lock` for the profile's target, fix and check the tree, write the artifact.
+
+    Never resolves: the lock comes from the stage before (builder.pipeline). `profile` gives
+    the target and the policy the tree is checked against; `settings` the index URLs with
+    their credentials (the lock records them without)."""
     report = on_progress
-    resolved = resolve(profile, lock_path=lock_path, settings=settings)
-    lock = resolved.lock
     digest = lock.digest()
     manifest_path = out_dir / manifest_key(profile.name, digest)
     existing = reusable_manifest(out_dir, profile.name, digest)
@@ -546,11 +372,13 @@ def pack(
             # The folder is locked while this run lives; a killed run's is swept by the next.
             work = stack.enter_context(work_folder(out_dir, WORK_PREFIX, patterns=LEFTOVERS))
         except OSError as exc:
-            raise _disk_error(exc, out_dir, "creating a work folder", 0) from None
+            raise disk_error(exc, out_dir, "creating a work folder", 0) from None
+        blobs = out_dir / "blobs"
+        present = set(os.listdir(blobs)) if blobs.is_dir() else set()
         try:
             tree = work / "tree"
             materialise(
-                resolved.lock_path,
+                lock_path,
                 lock,
                 tree,
                 python=lock.python,
@@ -580,14 +408,13 @@ def pack(
                 work=work,
             )
         except OSError as exc:  # fixing the tree; uv and the shard writer report their own
-            raise _disk_error(exc, out_dir, "fixing the installed tree", 0) from None
-    return PackResult(manifest, manifest_path, out_dir, reused=False)
+            raise disk_error(exc, out_dir, "fixing the installed tree", 0) from None
+    written = tuple(s for s in manifest.shards if f"{s.sha256}.tar.zst" not in present)
+    return PackResult(manifest, manifest_path, out_dir, reused=False, written=written)
 
 
 def default_store_dir() -> Path:
-    """The local store folder (`builder.store.default_store_url`) when --out is not given."""
-    from builder.store import FileLocation, default_store_url, parse_store_url
-
+    """The local store folder (`builder.stores.default_store_url`) when --out is not given."""
     location = parse_store_url(default_store_url())
     assert isinstance(location, FileLocation)
     return location.root

@@ -1,7 +1,8 @@
-"""The profile: the input contract (DESIGN.md, "Profile"). Loading validates every key."""
+"""The profile: the input contract (docs/design.md#profile). Loading validates every key."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from typing import Any
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from builder.base import decode_snapshot, parse_snapshot
+from builder.base import BaseSnapshot, snapshot_from_bytes, universal_newlines
 from builder.errors import FormatError, ProfileError
 from builder.fields import install_dir_problem
 from builder.secrets import has_credentials, malformed_userinfo, redact_url, register_url
@@ -58,6 +59,9 @@ class Index:
 
 @dataclass(frozen=True)
 class Profile:
+    """A loaded profile: the file's contract, the bytes it was read from, and its base
+    snapshot, read once here so that no later stage reads either file again."""
+
     path: Path
     name: str
     description: str
@@ -66,6 +70,22 @@ class Profile:
     light: tuple[str, ...] = ()
     policy: Policy = field(default_factory=Policy)
     indexes: tuple[Index, ...] = ()
+    data: bytes = b""  # the profile file's bytes
+    snapshot: BaseSnapshot = field(default_factory=lambda: BaseSnapshot(None, {}))
+
+    @property
+    def text(self) -> str:
+        """The profile file as text, newlines as Python's text mode reads them."""
+        return universal_newlines(self.data.decode("utf-8"))
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+    @property
+    def sources(self) -> str:
+        """sha256 of the profile and its base snapshot: what a lock records as its `sources`."""
+        return hashlib.sha256(self.data + b"\0" + self.snapshot.data).hexdigest()
 
     def index_for(self, package: str) -> Index | None:
         wanted = canonicalize_name(package)
@@ -95,17 +115,20 @@ def load_profile(path: str | Path) -> Profile:
     """Read and validate a profile; any problem raises ProfileError naming the file and key."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        raw = tomllib.loads(universal_newlines(data.decode("utf-8")))
     except FileNotFoundError:
         raise ProfileError(path, None, "no such profile file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(path, None, f"cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(path, None, f"not valid TOML: {exc}") from None
-    return parse_profile(raw, path)
+    except RecursionError:
+        raise ProfileError(path, None, "not valid TOML: nested too deeply") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise ProfileError(path, None, f"cannot read: {exc}") from None
+    return parse_profile(raw, path, data)
 
 
-def parse_profile(raw: dict[str, Any], path: Path) -> Profile:
+def parse_profile(raw: dict[str, Any], path: Path, data: bytes = b"") -> Profile:
     _reject_unknown(raw, _TOP_KEYS, path, "")
     name = _string(raw, "name", path, "name")
     if not NAME_PATTERN.match(name):
@@ -113,7 +136,7 @@ def parse_profile(raw: dict[str, Any], path: Path) -> Profile:
             path, "name", f"{name!r} must match [a-z0-9-]+ (lowercase, digits, dashes)"
         )
     description = _string(raw, "description", path, "description", required=False) or ""
-    target = _parse_target(_table(raw, "target", path, required=True), path)
+    target, snapshot = _parse_target(_table(raw, "target", path, required=True), path)
     heavy_table = _table(raw, "heavy", path, required=True)
     _reject_unknown(heavy_table, {"requirements"}, path, "heavy")
     heavy = _requirements(heavy_table, "requirements", path, "heavy.requirements", required=True)
@@ -134,10 +157,12 @@ def parse_profile(raw: dict[str, Any], path: Path) -> Profile:
         light=light,
         policy=policy,
         indexes=indexes,
+        data=data,
+        snapshot=snapshot,
     )
 
 
-def _parse_target(table: dict[str, Any], path: Path) -> Target:
+def _parse_target(table: dict[str, Any], path: Path) -> tuple[Target, BaseSnapshot]:
     _reject_unknown(table, _TARGET_KEYS, path, "target")
     for key in sorted(_TARGET_REQUIRED - table.keys()):
         raise ProfileError(path, f"target.{key}", "is required")
@@ -158,7 +183,8 @@ def _parse_target(table: dict[str, Any], path: Path) -> Target:
     problem = install_dir_problem(install_dir)
     if problem:
         raise ProfileError(path, "target.install_dir", problem)
-    base_packages = _snapshot_path(path, values["base_packages"])
+    snapshot = _read_snapshot(path, values["base_packages"])
+    assert snapshot.path is not None
     sizes = {}
     for key in ("base_image_download_bytes", "base_image_bytes"):
         value = table.get(key)
@@ -167,18 +193,19 @@ def _parse_target(table: dict[str, Any], path: Path) -> Target:
         ):
             raise ProfileError(path, f"target.{key}", "must be a positive integer (bytes)")
         sizes[key] = value
-    return Target(
+    target = Target(
         base_image=values["base_image"],
-        base_packages=base_packages,
+        base_packages=snapshot.path,
         python=values["python"],
         platform=values["platform"],
         interpreter=values["interpreter"],
         install_dir=install_dir,
         **sizes,
     )
+    return target, snapshot
 
 
-def _snapshot_path(path: Path, value: str) -> Path:
+def _read_snapshot(path: Path, value: str) -> BaseSnapshot:
     """The base snapshot the profile names, read and checked now: a loop of links, a NUL in the
     name or text that is not UTF-8 is the profile's error, not a crash later on."""
     key = "target.base_packages"
@@ -194,10 +221,9 @@ def _snapshot_path(path: Path, value: str) -> Path:
     except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a link loop (3.10-3.12)
         raise ProfileError(path, key, f"cannot read base snapshot {value!r}: {exc}") from None
     try:
-        parse_snapshot(decode_snapshot(data, resolved), resolved)
+        return snapshot_from_bytes(data, resolved)
     except FormatError as exc:
         raise ProfileError(path, key, f"base snapshot {exc}") from None
-    return resolved
 
 
 def _parse_policy(table: dict[str, Any], path: Path) -> Policy:

@@ -1,27 +1,24 @@
-"""publish-cache: resolve and pack when needed, upload the shards the store lacks, manifest last.
+"""Publish: a packed digest's shards uploaded to a store (only those it lacks), manifest last.
 
 A reader never sees a half-published digest: the manifest names only shards that are already
 in the store. Shards are content-addressed, so a shard another profile published is not sent
-again, and two publishers of one digest at once both succeed.
+again, and two publishers of one digest at once both succeed. This stage never packs: it
+receives what pack produced (builder.pipeline runs the stages in order).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.errors import IntegrityError, NotPublishedError
-from builder.manifest import Manifest, Shard, blob_key, manifest_from_bytes, manifest_to_bytes
-from builder.pack import PackResult, default_store_dir, pack
-from builder.profile import Profile
+from builder.manifest import Manifest, Shard, blob_key, manifest_to_bytes
+from builder.pack import PackResult
 from builder.progress import Progress, Step, silent
-from builder.resolve import IndexSettings, resolve
-from builder.store import FileStore, Store, open_store
+from builder.stores import FileStore, Store
+from builder.units import megabytes
 
 UPLOAD_WORKERS = 4
 
@@ -47,21 +44,20 @@ class PublishResult:
         return f"{self.store.rstrip('/')}/{self.profile}/{self.digest}"
 
 
-def missing_shards(store: Store, shards: tuple[Shard, ...]) -> list[Shard]:
-    """Shards the store lacks (or holds at the wrong size, which put_blob then repairs)."""
-    return [shard for shard in shards if store.has_blob(shard.sha256) != shard.bytes]
-
-
-def published_manifest(store: Store, profile: str, digest: str) -> Manifest | None:
-    """The store's manifest for this digest when it and every shard it names are intact."""
-    try:
-        data = store.get_manifest(profile, digest)
-    except NotPublishedError:
-        return None
-    manifest = manifest_from_bytes(data, where=store.manifest_url(profile, digest))
-    if missing_shards(store, manifest.shards):
-        return None
-    return manifest
+def damaged_shards(store: Store, shards: tuple[Shard, ...], report: Progress) -> list[Shard]:
+    """Shards whose bytes in the store are not their sha256, found by hashing each blob in a
+    stream (missing ones are not listed: `Store.missing_shards` finds those)."""
+    damaged = []
+    for number, shard in enumerate(shards, start=1):
+        found = store.blob_digest(shard.sha256)
+        if found is not None and found != (shard.sha256, shard.bytes):
+            damaged.append(shard)
+            report(
+                f"damaged in {store}: {blob_key(shard.sha256)}"
+                f" ({found[1]:,} bytes, sha256 {found[0][:16]})"
+            )
+        report(Step(number, len(shards), f"checked {blob_key(shard.sha256)[:24]}..."))
+    return damaged
 
 
 class _Meter:
@@ -84,65 +80,45 @@ class _Meter:
             self.last = now
             elapsed = max(now - self.start, 1e-6)
             self.report(
-                f"uploaded {self.done / 1e6:,.1f} / {self.total / 1e6:,.1f} MB"
+                f"uploaded {megabytes(self.done)} of {megabytes(self.total)}"
                 f" ({self.done / elapsed / 1e6:,.1f} MB/s)"
             )
 
 
-def publish_cache(
-    profile: Profile,
+def already_published(store: Store, manifest: Manifest) -> PublishResult:
+    """The result for a digest the store holds whole: nothing uploaded."""
+    return _result(store, manifest, uploaded=[], present=len(manifest.shards), packed_in=None)
+
+
+def publish(
+    packed: PackResult,
+    store: Store,
     *,
-    store_url: str,
-    lock_path: Path | None = None,
-    settings: IndexSettings | None = None,
-    pack_dir: Path | None = None,
-    on_progress: Progress = silent,
     repair: bool = False,
+    on_progress: Progress = silent,
 ) -> PublishResult:
-    """Publish the profile's current lock: resolve and pack when needed, upload what is missing.
+    """Upload what `store` lacks of `packed` (a local pack), then the manifest.
 
-    `repair`: re-hash what the store holds for this digest (and the local pack) instead of
-    trusting sizes, and write again every blob whose bytes differ."""
+    `repair`: also re-hash what the store holds and replace blobs whose bytes differ. A store
+    that is the pack's own folder only reports what the pack wrote."""
     report = on_progress
-    settings = settings or IndexSettings()
-    store = open_store(store_url)
-    # Reach the store before spending minutes on resolve and pack: an unreachable store or
-    # refused credentials fail here, in seconds.
-    store.has_blob("0" * 64)
-    lock = resolve(profile, lock_path=lock_path, settings=settings).lock
-    digest = lock.digest()
-    existing = None if repair else published_manifest(store, profile.name, digest)
-    if existing is not None:
-        report(f"{profile.name} {digest[:16]} is already published in {store}: nothing to upload")
-        return _result(store, existing, uploaded=[], present=len(existing.shards), packed_in=None)
-
-    # A local store is packed into directly; any other store gets what a local pack made.
-    local_root = store.root if isinstance(store, FileStore) else (pack_dir or default_store_dir())
-    blobs_before = _local_blobs(local_root)
-    packed = pack(
-        profile, lock_path=lock_path, out_dir=local_root, settings=settings, on_progress=report
-    )
-    if repair:
-        packed = _repair_local_pack(profile, lock_path, local_root, settings, packed, report)
     manifest = packed.manifest
-    if isinstance(store, FileStore):
-        written = [s for s in manifest.shards if blob_key(s.sha256) not in blobs_before]
+    local_root = packed.out_dir
+    if isinstance(store, FileStore) and store.root.resolve() == local_root.resolve():
+        written = [] if packed.reused else list(packed.written)
         return _result(
             store,
             manifest,
             uploaded=written,
             present=len(manifest.shards) - len(written),
             packed_in=local_root,
-            repaired=packed.repaired if repair else (),
+            repaired=packed.repaired,
         )
-
-    todo = damaged_shards(store, manifest.shards, report) if repair else []
-    repaired = tuple(todo)
-    todo += [s for s in missing_shards(store, manifest.shards) if s not in todo]
+    repaired = tuple(damaged_shards(store, manifest.shards, report)) if repair else ()
+    todo = [*repaired, *(s for s in store.missing_shards(manifest.shards) if s not in repaired)]
     total = sum(shard.bytes for shard in todo)
     report(
-        f"uploading {len(todo)} of {len(manifest.shards)} shard(s), {total / 1e6:,.1f} MB,"
-        f" to {store}"
+        f"uploading {len(todo)} of {len(manifest.shards)} shard(s), {megabytes(total)}, to {store}"
     )
     meter = _Meter(total, report)
 
@@ -153,9 +129,10 @@ def publish_cache(
     with ThreadPoolExecutor(max_workers=UPLOAD_WORKERS) as pool:
         sent = list(pool.map(upload, todo))
     uploaded = [shard for shard, did in zip(todo, sent, strict=True) if did]
-    store.put_manifest(profile.name, digest, manifest_to_bytes(manifest))
+    store.put_manifest(manifest.profile, manifest.digest, manifest_to_bytes(manifest))
     report(
-        f"published {profile.name} {digest[:16]}: manifest {store.manifest_url(profile.name, digest)}"
+        f"published {manifest.profile} {manifest.digest[:16]}:"
+        f" manifest {store.manifest_url(manifest.profile, manifest.digest)}"
     )
     return _result(
         store,
@@ -165,55 +142,6 @@ def publish_cache(
         packed_in=local_root,
         repaired=repaired,
     )
-
-
-def damaged_shards(store: Store, shards: tuple[Shard, ...], report: Progress) -> list[Shard]:
-    """Shards whose bytes in the store are not their sha256 (missing ones are not listed)."""
-    damaged = []
-    for number, shard in enumerate(shards, start=1):
-        found = store.blob_digest(shard.sha256)
-        if found is not None and found != (shard.sha256, shard.bytes):
-            damaged.append(shard)
-            report(
-                f"damaged in {store}: {blob_key(shard.sha256)} ({found[1]:,} bytes, sha256 {found[0][:16]})"
-            )
-        report(Step(number, len(shards), f"checked {blob_key(shard.sha256)[:24]}..."))
-    return damaged
-
-
-def _repair_local_pack(
-    profile: Profile,
-    lock_path: Path | None,
-    local_root: Path,
-    settings: IndexSettings,
-    packed: PackResult,
-    report: Progress,
-) -> PackResult:
-    """The local pack with every blob re-hashed; damaged ones are packed again."""
-    local = FileStore(local_root)
-    damaged = damaged_shards(local, packed.manifest.shards, report)
-    if not damaged:
-        return packed
-    for shard in damaged:
-        (local_root / blob_key(shard.sha256)).unlink()
-    report(f"packing again: {len(damaged)} damaged local blob(s) in {local_root}")
-    repacked = pack(
-        profile, lock_path=lock_path, out_dir=local_root, settings=settings, on_progress=report
-    )
-    still = damaged_shards(local, repacked.manifest.shards, report)
-    if still:
-        raise IntegrityError(
-            f"{local_root}: packing again gave blobs whose bytes are not their names"
-            f" ({', '.join(blob_key(s.sha256) for s in still)}); the disk may be failing"
-        )
-    return dataclasses.replace(repacked, repaired=tuple(damaged))
-
-
-def _local_blobs(root: Path) -> set[str]:
-    try:
-        return {f"blobs/{name}" for name in os.listdir(root / "blobs")}
-    except FileNotFoundError:
-        return set()
 
 
 def _result(

@@ -35,8 +35,9 @@ _PATTERNS = (
     re.compile(r"(?i)(SharedAccessSignature=)[^;\s'\"]+"),
     re.compile(r"(?i)(\b(?:token|password|passwd|secret|api[_-]?key)=)[^&\s'\"]+"),
 )
-# user:password@ of a URL, up to the first '@' of the token ('@sha256:' is an image digest).
-_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s@'\"<>/]*(?:/[^\s@'\"<>]*)?@(?!sha256:)")
+# user:password@ of a URL, up to the last '@' of the token (a password may hold '@');
+# '@sha256:' is an image digest, not a password.
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s'\"<>]*@(?!sha256:)")
 # The query (and fragment) of a URL.
 _QUERY = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s?#'\"<>]*)[?#][^\s'\"<>]*")
 
@@ -76,19 +77,22 @@ def register_environment(environ: dict[str, str] | None = None) -> None:
                 register(token[4:])
 
 
-def _userinfo(head: str) -> tuple[str | None, str]:
-    """(userinfo or None, the rest) of a URL's part after `://` (query and fragment cut off).
+def _split_userinfo(rest: str) -> tuple[str | None, str]:
+    """(userinfo or None, the rest) of what follows a URL's `://`, query and fragment kept.
 
-    An '@' in the authority ends the userinfo; one after the first '/' of an authority without
-    one is taken for a password holding an unencoded '/', unless it starts an image digest."""
-    authority, slash, path = head.partition("/")
+    The authority ends at the first '/'; an '@' in it ends the userinfo, even when the
+    password holds '?' or '#'. An '@' after that '/' but before the query, in a URL whose
+    authority has none, is taken for a password holding an unencoded '/', unless it starts an
+    image digest (`repo@sha256:...`)."""
+    authority, slash, path = rest.partition("/")
     if "@" in authority:
         userinfo, host = authority.rsplit("@", 1)
         return userinfo, host + slash + path
-    if "@" in path and "@sha256:" not in path:
-        userinfo, rest = head.rsplit("@", 1)
-        return userinfo, rest
-    return None, head
+    head = path.split("?", 1)[0].split("#", 1)[0]
+    if "@" in head and "@sha256:" not in head:
+        cut = len(authority) + len(slash) + head.rindex("@")
+        return rest[:cut], rest[cut + 1 :]
+    return None, rest
 
 
 def url_credentials(url: str) -> list[str]:
@@ -96,16 +100,19 @@ def url_credentials(url: str) -> list[str]:
     found = []
     _, sep, rest = url.partition("://")
     if sep:
-        userinfo, _ = _userinfo(rest.split("?", 1)[0].split("#", 1)[0])
+        userinfo, rest = _split_userinfo(rest)
         if userinfo:
             found.append(userinfo)
             found += [part for part in userinfo.split(":", 1) if part]
-    query = url.split("?", 1)[1].split("#", 1)[0] if "?" in url else ""
+    query = rest.split("#", 1)[0].split("?", 1)[1] if "?" in rest.split("#", 1)[0] else ""
     if query:
         found.append(query)
         for item in query.split("&"):
             name, eq, value = item.partition("=")
             found.append(value if eq else name)
+    fragment = rest.split("#", 1)[1] if "#" in rest else ""
+    if fragment:
+        found.append(fragment)
     return [secret for secret in found if secret]
 
 
@@ -118,21 +125,20 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url.split("?", 1)[0].split("#", 1)[0]
-    _, head = _userinfo(rest.split("?", 1)[0].split("#", 1)[0])
-    parts = urlsplit(f"{scheme}://{head}")
+    _, rest = _split_userinfo(rest)
+    rest = rest.split("#", 1)[0].split("?", 1)[0]
+    parts = urlsplit(f"{scheme}://{rest}")
     return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
 
 
 def malformed_userinfo(url: str) -> bool:
-    """True when an '@' sits after the first '/' of a URL whose authority has none: a password
-    holding an unencoded '/' (`http://user:pa/ss@host/`), which parsers and tools split wrongly
-    (and then print the password as part of a path)."""
+    """True when the userinfo holds an unencoded '/' (`http://user:pa/ss@host/`), which
+    parsers and tools split wrongly (and then print the password as part of a path)."""
     _, sep, rest = url.partition("://")
     if not sep:
         return False
-    head = rest.split("?", 1)[0].split("#", 1)[0]
-    authority, slash, path = head.partition("/")
-    return bool(slash) and "@" in path and "@" not in authority and "@sha256:" not in path
+    userinfo, _ = _split_userinfo(rest)
+    return userinfo is not None and "/" in userinfo
 
 
 def scrub(text: str, secrets: tuple[str, ...] | list[str] = ()) -> str:

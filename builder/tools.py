@@ -115,9 +115,16 @@ def stop_process_group(proc: subprocess.Popen[str], grace: float = 5.0) -> None:
 
 
 def run_uv(
-    args: list[str], *, cwd: Path | None = None, on_line: Callable[[str], None] | None = None
+    args: list[str],
+    *,
+    cwd: Path | None = None,
+    on_line: Callable[[str], None] | None = None,
+    default_index: str | None = None,
 ) -> Completed:
-    return run_tool([uv_bin(), *args], cwd=cwd, env=uv_env(), on_line=on_line)
+    """Run uv. `default_index` goes through the environment (UV_DEFAULT_INDEX), never argv:
+    any user of the machine can read a process's command line, credentials and all."""
+    extra = {"UV_DEFAULT_INDEX": default_index} if default_index else None
+    return run_tool([uv_bin(), *args], cwd=cwd, env=uv_env(extra), on_line=on_line)
 
 
 def pip_compile_argv() -> list[str]:

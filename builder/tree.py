@@ -173,7 +173,7 @@ def assign_owners(listing: Listing, distributions: Iterable[Distribution]) -> Ow
 def plan_shards(
     ownership: Ownership, file_sizes: Mapping[str, int], threshold: int
 ) -> list[ShardPlan]:
-    """Shards that follow distributions (DESIGN.md "Pack").
+    """Shards that follow distributions (docs/design.md#artifact).
 
     A distribution above `threshold` installed bytes is a shard of its own. The small ones are
     taken in name order and grouped: a group closes once it reaches `threshold`, or after a name

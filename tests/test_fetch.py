@@ -214,3 +214,79 @@ def test_a_manifest_that_is_not_json_or_not_an_object(store: tuple[Path, Manifes
         path.write_bytes(data)
         with pytest.raises(FormatError, match=r"manifest\.json"):
             fetch(f"{root.as_uri()}/{PROFILE}/{manifest.digest}", root.parent / "into")
+
+
+def test_a_long_link_chain_cve_2025_4517_writes_nothing_outside(tmp_path: Path) -> None:
+    """The symlink chain longer than PATH_MAX that defeats tarfile's data filter (CVE-2025-4517):
+    the store serves it with a manifest that pins it, so its sha256 matches. Every member is
+    judged by gpubuild's own rules before it is extracted."""
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "flag").write_text("original\n")
+    into = victim / "sub" / "into"
+    store = tmp_path / "store"
+    steps = "abcdefghijklmnop"
+    component = "d" * ((4096 - len(str(into.parent)) - 22) // (len(steps) + 1))
+    members: list[tuple[tarfile.TarInfo, bytes | None]] = []
+    path = ""
+    for step in steps:
+        folder = tarfile.TarInfo(os.path.join(path, component))
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o777
+        members += [(folder, None), link(os.path.join(path, step), component)]
+        path = os.path.join(path, component)
+    deep = os.path.join(*steps, "l" * 254)
+    members += [link(deep, os.path.join(*[".."] * len(steps))), link("escape", f"{deep}/..")]
+    members.append((tarfile.TarInfo("escape/../PWNED"), b"outside\n"))
+    shard = hostile_shard(store, members)
+    evil = Manifest(
+        digest=hashlib.sha256(b"cve").hexdigest(),
+        profile=PROFILE,
+        python="3.11",
+        platform="x86_64-manylinux_2_28",
+        install_dir="/shared-packages",
+        shards=(shard,),
+        env={},
+        packages=(),
+    )
+    (store / manifest_key(PROFILE, evil.digest)).parent.mkdir(parents=True)
+    (store / manifest_key(PROFILE, evil.digest)).write_bytes(manifest_to_bytes(evil))
+    with pytest.raises(IntegrityError, match="could lead out"):
+        fetch(f"{store.as_uri()}/{PROFILE}/{evil.digest}", into)
+    assert sorted(p.relative_to(victim).as_posix() for p in victim.rglob("*")) == ["flag", "sub"]
+    assert (victim / "flag").read_text() == "original\n"
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        ("../x", tarfile.REGTYPE, ""),
+        ("/abs", tarfile.REGTYPE, ""),
+        ("hard", tarfile.LNKTYPE, "pkg/__init__.py"),
+        ("dev", tarfile.CHRTYPE, ""),
+        ("up", tarfile.SYMTYPE, "../.."),
+        ("root", tarfile.SYMTYPE, "/etc"),
+    ],
+)
+def test_members_a_shard_may_not_hold(tmp_path: Path, member: tuple[str, bytes, str]) -> None:
+    name, kind, target = member
+    store = tmp_path / "store"
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    shard = hostile_shard(store, [(info, b"x" if kind == tarfile.REGTYPE else None)])
+    evil = Manifest(
+        digest=hashlib.sha256(name.encode()).hexdigest(),
+        profile=PROFILE,
+        python="3.11",
+        platform="x86_64-manylinux_2_28",
+        install_dir="/shared-packages",
+        shards=(shard,),
+        env={},
+        packages=(),
+    )
+    (store / manifest_key(PROFILE, evil.digest)).parent.mkdir(parents=True)
+    (store / manifest_key(PROFILE, evil.digest)).write_bytes(manifest_to_bytes(evil))
+    work = tmp_path / "work"
+    work.mkdir()
+    with pytest.raises(IntegrityError, match=r"member"):
+        fetch(f"{store.as_uri()}/{PROFILE}/{evil.digest}", work / "into")
+    assert list(work.iterdir()) == []

@@ -34,8 +34,8 @@ from builder.lock import Excluded, Lock, LockedPackage, read_lock, render_lock
 from builder.manifest import Manifest, Shard, blob_key, manifest_to_bytes
 from builder.pack import write_artifact
 from builder.profile import load_profile
-from builder.resolve import sources_digest
-from builder.store import make_read_sas, open_store
+from builder.stores import open_store
+from builder.stores.sas import make_read_sas
 from builder.tools import run_uv
 from tests.helpers import REPO, run_cli, write_profile
 from tests.support.faults import Cut, ScriptedStore, Serve, blob_path
@@ -781,6 +781,40 @@ def test_a_store_behind_a_web_server_run_by_a_normal_user(
         assert_empty(other)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "HTTPS://alice:S3cretPassw0rd@example.invalid/store",
+        "https://alice:S3cret/Passw0rd@127.0.0.1:9/store",
+        "https://alice:S3c@retPassw0rd@example.invalid/store",
+        "https://[::1]:9/store#sig=S3cretPassw0rd",
+    ],
+)
+def test_a_store_url_with_credentials_is_refused_without_printing_them(
+    artifacts: Artifacts, tmp_path: Path, url: str
+) -> None:
+    target = tmp_path / "vol"
+    target.mkdir()
+    script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
+    result = run_init(script, target, {"GPUBUILD_STORE_URL": url})
+    assert result.returncode == 1
+    assert "GPUBUILD_STORE_URL" in result.stderr
+    for fragment in ("S3cret", "Passw0rd", "retPass"):
+        assert fragment not in result.stderr
+    assert_empty(target)
+
+
+@pytest.mark.parametrize("value", ["//", "/", "/usr/", "/shared/../..", "relative", "/proc/1"])
+def test_a_target_that_is_not_a_folder_of_its_own_is_refused(
+    artifacts: Artifacts, tmp_path: Path, value: str
+) -> None:
+    script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
+    result = run_init(script, tmp_path / "unused", {"GPUBUILD_TARGET": value})
+    assert result.returncode == 1
+    assert "GPUBUILD_TARGET" in result.stderr
+    assert not Path("/.gpubuild").exists()
+
+
 def test_a_missing_shard_fails_and_leaves_nothing(artifacts: Artifacts, tmp_path: Path) -> None:
     store = tmp_path / "partial"
     shutil.copytree(artifacts.store, store)
@@ -1100,7 +1134,7 @@ def test_cli_init_script_writes_script_and_snippet(artifacts: Artifacts, tmp_pat
     loaded = load_profile(profile)
     adopted = dataclasses.replace(
         read_lock_text(_lock_text(artifacts), tmp_path),
-        sources=sources_digest(loaded),
+        sources=loaded.sources,
         interpreter=loaded.target.interpreter,
         install_dir=loaded.target.install_dir,
     )

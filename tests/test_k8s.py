@@ -6,6 +6,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -275,11 +277,11 @@ def test_patch_a_group_whose_pod_has_volumes_and_init_containers(tmp_path: Path)
 # --- the CLI ------------------------------------------------------------------------------
 
 
-def test_cli_k8s_patch(tmp_path: Path) -> None:
+def _published_profile(tmp_path: Path, *, publish: bool = True) -> tuple[Path, Path, str]:
+    """A profile with its lock and (when `publish`) its manifest in a file store; returns
+    (profile, store folder, lock digest)."""
     from builder.lock import Lock, LockedPackage, render_lock
-    from builder.manifest import manifest_key, manifest_to_bytes
     from builder.profile import load_profile
-    from builder.resolve import sources_digest
 
     profile = write_profile(tmp_path / "profiles", heavy=["alpha"], name="onnx-gpu")
     loaded = load_profile(profile)
@@ -289,25 +291,42 @@ def test_cli_k8s_patch(tmp_path: Path) -> None:
         platform="x86_64-manylinux_2_28",
         interpreter=loaded.target.interpreter,
         install_dir=loaded.target.install_dir,
-        sources=sources_digest(loaded),
+        sources=loaded.sources,
         inputs="test",
         backend="uv",
         packages=(LockedPackage("alpha", "1.0", ("sha256:" + "a" * 64,)),),
     )
     profile.with_suffix(".lock").write_text(render_lock(lock, "/shared-packages"))
     store = tmp_path / "store"
+    if publish:
+        _publish(store, lock.digest())
+    return profile, store, lock.digest()
+
+
+def _publish(store: Path, digest: str) -> None:
+    from builder.manifest import manifest_key, manifest_to_bytes
+
+    published = Manifest(**{**manifest().__dict__, "digest": digest})
+    (store / manifest_key("onnx-gpu", digest)).parent.mkdir(parents=True)
+    (store / manifest_key("onnx-gpu", digest)).write_bytes(manifest_to_bytes(published))
+
+
+def _patch_args(path: Path, group: str, profile: Path, store: Path) -> list[str]:
+    args = ["k8s", "patch", str(path), "--group", group, "--profile", str(profile)]
+    return [*args, "--store", store.as_uri(), "--image", IMAGE]
+
+
+def test_cli_k8s_patch(tmp_path: Path) -> None:
+    profile, store, digest = _published_profile(tmp_path, publish=False)
     path = tmp_path / "ray-service.yaml"
     shutil.copy(GUIDE_FILE, path)
-    args = ["k8s", "patch", str(path), "--group", GUIDE_GROUP, "--profile", str(profile)]
-    args += ["--store", store.as_uri(), "--image", IMAGE]
+    args = _patch_args(path, GUIDE_GROUP, profile, store)
 
     missing = run_cli(*args)
     assert missing.returncode == 1 and "publish-cache" in missing.stderr
     assert path.read_text() == GUIDE_FILE.read_text()
 
-    published = Manifest(**{**manifest().__dict__, "digest": lock.digest()})
-    (store / manifest_key("onnx-gpu", lock.digest())).parent.mkdir(parents=True)
-    (store / manifest_key("onnx-gpu", lock.digest())).write_bytes(manifest_to_bytes(published))
+    _publish(store, digest)
 
     bad_group = run_cli(*args[:4], "nope", *args[5:])
     assert bad_group.returncode == 2 and GUIDE_GROUP in bad_group.stderr
@@ -323,3 +342,166 @@ def test_cli_k8s_patch(tmp_path: Path) -> None:
     assert "warning: replaced initContainer" in done.stderr
     assert path.read_text() != GUIDE_FILE.read_text()
     assert "already up to date" in run_cli(*args).stderr
+
+
+# --- hostile YAML: deep nesting, alias bombs, aliases and merge keys ------------------------
+
+
+def _alias_bomb(levels: int = 9, width: int = 9) -> str:
+    """A "billion laughs" under the first document's metadata: width**levels strings when
+    expanded, a few lines of text."""
+    lines = [f"  lol0: &lol0 [{', '.join(['lol'] * width)}]"]
+    for level in range(1, levels):
+        lines.append(f"  lol{level}: &lol{level} [{', '.join([f'*lol{level - 1}'] * width)}]")
+    return "\n".join(lines) + "\n"
+
+
+def _into_guide(lines: str) -> str:
+    """The guide file with `lines` added under its RayService's metadata."""
+    text = GUIDE_FILE.read_text()
+    head = "metadata:\n  name: rayservice\n"
+    assert text.count(head) == 1
+    return text.replace(head, "metadata:\n" + lines + "  name: rayservice\n")
+
+
+HOSTILE = {
+    "deep-flow": (_into_guide(f"  deep: {'[' * 300}{']' * 300}\n"), "nested more than 100"),
+    "deep-block": (
+        _into_guide("".join(f"{'  ' * (level + 1)}k{level}:\n" for level in range(300))),
+        "nested more than 100",
+    ),
+    "alias-bomb": (_into_guide(_alias_bomb()), "aliases"),
+    "recursive-alias": (_into_guide("  loop: &loop [a, *loop]\n"), "contains it"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
+def test_hostile_yaml_is_refused_naming_the_file(tmp_path: Path, case: str) -> None:
+    text, problem = HOSTILE[case]
+    path = tmp_path / "ray-service.yaml"
+    path.write_text(text)
+    with pytest.raises(BadInputError) as caught:
+        patch_ray_service(path, GUIDE_GROUP, snippet())
+    message = str(caught.value)
+    assert message.startswith(f"{path}:") and problem in message
+    line = int(message.removeprefix(f"{path}:").split(":", 1)[0])
+    assert 5 <= line <= 306  # in the lines added under metadata, not line 1
+    assert path.read_text() == text
+
+
+def test_cli_hostile_yaml_exits_2_and_leaves_the_file(tmp_path: Path) -> None:
+    profile, store, _ = _published_profile(tmp_path)
+    for case in ("deep-flow", "alias-bomb"):
+        text, problem = HOSTILE[case]
+        path = tmp_path / f"{case}.yaml"
+        path.write_text(text)
+        # The timeout is a safety net only: the loader's bounds make this quick.
+        done = subprocess.run(
+            [sys.executable, "-m", "builder.cli", *_patch_args(path, GUIDE_GROUP, profile, store)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        assert "Traceback" not in done.stderr
+        assert f"gpubuild: error: {path}:" in done.stderr and problem in done.stderr
+        assert path.read_text() == text
+
+
+def _with_more_cpu(template: str) -> str:
+    """The guide file with cpu-workers' template anchored (&cpu) and a group `more-cpu` whose
+    template is `template`."""
+    text = GUIDE_FILE.read_text()
+    anchored = (
+        "        groupName: cpu-workers\n        rayStartParams: {}\n        template: &cpu\n"
+    )
+    text = text.replace(anchored.replace(" &cpu", ""), anchored, 1)
+    group = (
+        "      - groupName: more-cpu\n        minReplicas: 0\n        maxReplicas: 1\n"
+        f"        rayStartParams: {{}}\n        template:{template}"
+    )
+    return text.replace(
+        "      # Your GPU worker group\n", group + "      # Your GPU worker group\n"
+    )
+
+
+ALIASED = _with_more_cpu(" *cpu\n")
+# A merge key in the pod spec: `containers` comes from cpu-workers (this crashed with KeyError).
+MERGED = _with_more_cpu(
+    "\n          spec:\n            <<: *cpu_spec\n            priorityClassName: low\n"
+).replace(
+    "        template: &cpu\n          spec:\n",
+    "        template: &cpu\n          spec: &cpu_spec\n",
+)
+
+
+# The whole list of groups is used again elsewhere: an edit of one group changes both.
+LIST_ALIASED = (
+    GUIDE_FILE.read_text()
+    .replace("    workerGroupSpecs:\n", "    workerGroupSpecs: &groups\n", 1)
+    .replace("\n---\n", "\nx-copy: *groups\n---\n", 1)
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "group", "needle"),
+    [
+        (ALIASED, "more-cpu", "template: *cpu"),
+        (ALIASED, "cpu-workers", "&cpu"),  # patching it would change more-cpu too
+        (MERGED, "more-cpu", "<<"),
+        (MERGED, "cpu-workers", "&cpu_spec"),
+        (LIST_ALIASED, GUIDE_GROUP, "x-copy: *groups"),
+    ],
+    ids=["alias", "anchor-of-alias", "merge-key", "anchor-of-merge", "list-alias"],
+)
+def test_patch_refuses_to_edit_through_an_alias_or_merge_key(
+    tmp_path: Path, text: str, group: str, needle: str
+) -> None:
+    path = tmp_path / "ray-service.yaml"
+    path.write_text(text)
+    with pytest.raises(BadInputError) as caught:
+        patch_ray_service(path, group, snippet())
+    message = str(caught.value)
+    line = next(n for n, t in enumerate(text.splitlines(), 1) if needle.split()[-1] in t)
+    assert message.startswith(f"{path}:{line}: ")
+    assert f"worker group {group!r}" in message and needle in message
+    assert "write" in message and "out in full" in message
+    assert path.read_text() == text
+
+
+def test_a_group_that_shares_nothing_is_patched_beside_aliases(tmp_path: Path) -> None:
+    """Anchors and aliases elsewhere in the file do not stop the patch of a group without any."""
+    path = tmp_path / "ray-service.yaml"
+    path.write_text(MERGED)
+    result = patch_ray_service(path, GUIDE_GROUP, snippet())
+    assert result.changed
+    removed, _ = diff_lines(MERGED, path.read_text())
+    guide = patch_ray_service(_copy(GUIDE_FILE, tmp_path / "guide.yaml"), GUIDE_GROUP, snippet())
+    assert removed == diff_lines(GUIDE_FILE.read_text(), guide.text)[0]
+
+
+def _copy(source: Path, target: Path) -> Path:
+    shutil.copy(source, target)
+    return target
+
+
+def test_cli_refuses_an_alias_with_exit_2(tmp_path: Path) -> None:
+    profile, store, _ = _published_profile(tmp_path)
+    path = tmp_path / "ray-service.yaml"
+    path.write_text(ALIASED)
+    done = run_cli(*_patch_args(path, "more-cpu", profile, store))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{path}:" in done.stderr and "more-cpu" in done.stderr and "*cpu" in done.stderr
+    assert path.read_text() == ALIASED
+
+
+def test_explicit_tags_in_the_pod_spec_are_kept_and_compared_by_value(tmp_path: Path) -> None:
+    """ruamel reads `!!str x` as a TaggedScalar, equal only to itself: the check of the patched
+    text raised AssertionError (a traceback) before `plain` compared such values by value."""
+    text = GUIDE_FILE.read_text().replace(
+        "priorityClassName: gpu-workload-high", "priorityClassName: !!str gpu-workload-high"
+    )
+    path = tmp_path / "ray-service.yaml"
+    path.write_text(text)
+    result = patch_ray_service(path, GUIDE_GROUP, snippet())
+    assert result.changed and "priorityClassName: !!str gpu-workload-high" in path.read_text()

@@ -17,18 +17,13 @@ import pytest
 import zstandard
 
 from builder.errors import DiskFullError, PolicyViolationError
+from builder.indexes import IndexSettings
+from builder.install import check_tree, install_passes, materialise
 from builder.lock import Lock, LockedPackage
 from builder.manifest import Manifest, blob_key, manifest_from_bytes, manifest_key
-from builder.pack import (
-    FIXED_MTIME,
-    check_tree,
-    install_passes,
-    materialise,
-    pack,
-    write_artifact,
-)
+from builder.pack import FIXED_MTIME, write_artifact
+from builder.pipeline import pack_profile
 from builder.profile import load_profile
-from builder.resolve import IndexSettings
 from builder.tree import Ownership, fix_tree, plan_shards, shebang_for
 from tests.helpers import REPO, run_cli, write_profile
 from tests.support.wheels import build_wheel
@@ -135,7 +130,7 @@ def _profile(tmp_path: Path, heavy: list[str] = HEAVY, **extra: object):
 
 
 def _pack(profile, index: str, out: Path, **kwargs: object):
-    return pack(
+    return pack_profile(
         profile,
         lock_path=profile.path.with_suffix(".lock"),
         out_dir=out,
@@ -657,7 +652,7 @@ def test_onnx_gpu_profile_finds_every_cuda_library_onnxruntime_loads(tmp_path: P
     profile = load_profile(REPO / "profiles" / "onnx-gpu.toml")
     out = tmp_path / "store"
     try:
-        result = pack(profile, lock_path=tmp_path / "onnx-gpu.lock", out_dir=out)
+        result = pack_profile(profile, lock_path=tmp_path / "onnx-gpu.lock", out_dir=out)
         manifest = result.manifest
         dest = tmp_path / "unpacked"
         unpack(out, manifest, dest)

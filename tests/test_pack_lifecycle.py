@@ -179,3 +179,22 @@ def test_a_killed_runs_leftovers_are_swept_but_never_a_live_runs(
         live.send_signal(signal.SIGTERM)
         live.communicate(timeout=30)
     assert _work_folders(out) == []
+
+
+def test_a_work_folder_is_never_swept_while_its_run_lives(tmp_path: Path) -> None:
+    from builder.files import NEW_PREFIX, sweep_stale, work_folder
+
+    # A folder being made (not locked yet) carries another name, which a sweep of the
+    # prefix never takes while it is young.
+    (tmp_path / f"{NEW_PREFIX}{WORK_PREFIX}half").mkdir()
+    with work_folder(tmp_path, WORK_PREFIX) as mine:
+        assert mine.name.startswith(WORK_PREFIX) and (mine / ".lock").exists()
+        swept = sweep_stale(tmp_path, WORK_PREFIX, patterns=(f"{NEW_PREFIX}{WORK_PREFIX}*",))
+        assert swept == [] and mine.exists()
+        assert (tmp_path / f"{NEW_PREFIX}{WORK_PREFIX}half").exists()
+    assert not mine.exists()
+    # Once its run is gone (its lock free), the next sweep takes it.
+    dead = tmp_path / f"{WORK_PREFIX}dead"
+    dead.mkdir()
+    (dead / ".lock").touch()
+    assert sweep_stale(tmp_path, WORK_PREFIX) == [dead] and not dead.exists()

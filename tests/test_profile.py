@@ -94,7 +94,7 @@ BAD_PROFILES = [
     (
         lambda d: d["target"].update(base_packages="bases/bad-line.txt"),
         "target.base_packages",
-        "line 2",
+        "bad-line.txt:2",
     ),
     (lambda d: d["target"].update(base_packages="a\u0000b"), "target.base_packages", "null"),
     (lambda d: d["heavy"].update(requirements=["numpy>>2"]), "heavy.requirements", "not a valid"),

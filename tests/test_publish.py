@@ -18,12 +18,14 @@ from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, gener
 
 from builder.errors import BadInputError, IntegrityError, NotPublishedError, StoreError
 from builder.fetch import fetch
+from builder.indexes import IndexSettings
+from builder.install import materialise
 from builder.manifest import blob_key
-from builder.pack import fix_tree, materialise
+from builder.pipeline import ensure_lock, publish_profile
 from builder.profile import load_profile
-from builder.publish import publish_cache
-from builder.resolve import IndexSettings, resolve
-from builder.store import make_read_sas, open_store
+from builder.stores import open_store
+from builder.stores.sas import make_read_sas
+from builder.tree import fix_tree
 from tests.helpers import run_cli, write_profile
 from tests.support.index import serve_directory, write_simple_index
 from tests.support.services import AzuriteEndpoint
@@ -85,7 +87,7 @@ def _profile(tmp_path: Path, name: str, heavy: list[str]):
 
 
 def _publish(profile, store: str, index: str, tmp_path: Path):
-    return publish_cache(
+    return publish_profile(
         profile,
         store_url=store,
         settings=IndexSettings(default_url=index),
@@ -140,7 +142,7 @@ def test_fetch_reproduces_the_materialised_tree(tmp_path: Path, index: str, az: 
     result = fetch(f"{az}/prof-b/{published.digest}", tmp_path / "fetched")
     assert result.files == published.manifest.total_files
 
-    lock = resolve(profile, settings=IndexSettings(default_url=index))
+    lock = ensure_lock(profile, settings=IndexSettings(default_url=index))
     reference = tmp_path / "reference"
     materialise(
         lock.lock_path,
@@ -207,7 +209,7 @@ def test_concurrent_publishers_both_succeed(
 ) -> None:
     profile = write_profile(tmp_path / "prof-a", name="prof-a", heavy=["model-a==1.0"])
     # Resolve once so both publishers pack the same lock (as CI jobs of one commit would).
-    resolve(load_profile(profile), settings=IndexSettings(default_url=index))
+    ensure_lock(load_profile(profile), settings=IndexSettings(default_url=index))
     env = {**os.environ, "AZURE_STORAGE_CONNECTION_STRING": azurite_endpoint.connection_string}
     procs = [
         subprocess.Popen(
@@ -362,7 +364,7 @@ def test_repair_finds_a_same_size_damaged_blob_in_a_folder(tmp_path: Path, index
     # Sizes match, so a plain publish still takes it for published ...
     assert _publish(profile, store.as_uri(), index, tmp_path).already_published
     # ... and --repair re-hashes, finds it and writes it again.
-    repaired = publish_cache(
+    repaired = publish_profile(
         profile, store_url=store.as_uri(), settings=IndexSettings(default_url=index), repair=True
     )
     assert [s.sha256 for s in repaired.repaired] == [shard.sha256]
@@ -392,7 +394,7 @@ def test_repair_finds_a_same_size_damaged_blob_in_azure(
     with pytest.raises(IntegrityError):
         fetch(f"{az}/prof-b/{published.digest}", tmp_path / "broken")
 
-    repaired = publish_cache(
+    repaired = publish_profile(
         profile,
         store_url=az,
         settings=IndexSettings(default_url=index),
@@ -424,7 +426,7 @@ def test_repair_packs_a_damaged_local_copy_again_before_uploading(
     with pytest.raises(IntegrityError, match="pack again"):
         _publish(profile, az, index, tmp_path)
 
-    repaired = publish_cache(
+    repaired = publish_profile(
         profile,
         store_url=az,
         settings=IndexSettings(default_url=index),

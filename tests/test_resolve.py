@@ -14,9 +14,10 @@ from packaging.version import Version
 
 from builder.base import read_snapshot
 from builder.errors import BackendUnavailableError, PolicyViolationError, ResolutionError
+from builder.indexes import IndexSettings
 from builder.lock import read_lock
+from builder.pipeline import ensure_lock
 from builder.profile import load_profile
-from builder.resolve import IndexSettings, resolve
 from tests.helpers import REPO, run_cli, write_profile
 from tests.support.index import serve_directory, write_simple_index
 from tests.support.wheels import build_sdist, build_wheel
@@ -71,7 +72,7 @@ def second_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def _resolve(tmp_path: Path, index: str, **profile: object):
     path = write_profile(tmp_path, **profile)  # type: ignore[arg-type]
-    return resolve(load_profile(path), settings=IndexSettings(default_url=index))
+    return ensure_lock(load_profile(path), settings=IndexSettings(default_url=index))
 
 
 def _shipped(result) -> dict[str, str]:
@@ -273,14 +274,15 @@ def test_pip_tools_backend_for_the_host(tmp_path: Path, main_index: str) -> None
 def test_pip_tools_backend_refuses_a_foreign_target(tmp_path: Path) -> None:
     path = write_profile(tmp_path, heavy=["x==1"], python="3.9")
     with pytest.raises(BackendUnavailableError, match="use --backend uv"):
-        resolve(load_profile(path), backend="pip-tools")
+        ensure_lock(load_profile(path), backend="pip-tools")
     result = run_cli("resolve", str(path), "--backend", "pip-tools")
     assert result.returncode == 2 and "resolves only for this machine" in result.stderr
 
 
 def test_partition_refuses_unrouted_package_from_other_index(tmp_path: Path) -> None:
+    from builder.indexes import effective_indexes
     from builder.lock import LockedPackage
-    from builder.resolve import effective_indexes, partition
+    from builder.resolve import partition
 
     path = write_profile(
         tmp_path,

@@ -30,6 +30,13 @@ def test_redact_and_scrub_know_every_shape_of_credential() -> None:
     assert malformed_userinfo(f"http://user:{PASSWORD}@host/simple")
     assert not malformed_userinfo("oci://registry.example/team/repo@sha256:" + "a" * 64)
     assert PASSWORD in url_credentials(f"http://user:{PASSWORD}@host/simple")
+    # Passwords holding '#', '?' or '@' are still all userinfo; a fragment is a secret too.
+    for password in ("pa#ss1234", "pa?ss1234", "p@ss1234"):
+        url = f"https://user:{password}@host/simple"
+        assert redact_url(url) == "https://host/simple"
+        assert password in url_credentials(url)
+        assert password not in scrub(f"error fetching {url}")
+    assert "frag4711" in url_credentials("https://host/x#frag4711")
     text = (
         f"GET http://user:{PASSWORD}@host/simple/alpha/ failed; "
         f"see https://acct.blob.core.windows.net/c/b?sv=1&sig={TOKEN}; AccountKey={TOKEN}=="
@@ -139,3 +146,22 @@ def test_a_sas_echoed_in_an_azure_error_never_reaches_stderr(
     assert "HTTP 400" in result.stderr
     assert TOKEN not in result.stderr + result.stdout
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        f"https://{TOKEN}@example.invalid/simple",
+        f"https://example.invalid/simple?token={TOKEN}",
+        f"http://user:{PASSWORD}@example.invalid/simple",
+        f"https://example.invalid/simple https://u:{TOKEN}@mirror.invalid/simple",
+    ],
+)
+def test_a_build_argument_never_carries_index_credentials(value: str) -> None:
+    from builder.errors import BadInputError
+    from builder.image import check_build_args
+
+    with pytest.raises(BadInputError, match="image history") as caught:
+        check_build_args({"PIP_EXTRA_INDEX_URL": value})
+    assert TOKEN not in str(caught.value) and PASSWORD not in str(caught.value)
+    check_build_args({"PIP_INDEX_URL": "https://example.invalid/simple"})

@@ -23,16 +23,16 @@ from azure.storage.blob import BlobServiceClient, ContainerSasPermissions, gener
 from builder.errors import BadInputError, IntegrityError, NotPublishedError, StoreError
 from builder.manifest import blob_key, manifest_key
 from builder.secrets import scrub
-from builder.store import (
+from builder.stores import (
     AzureStore,
     FileStore,
     Store,
     default_store_url,
-    make_read_sas,
     open_store,
     parse_store_url,
-    sas_expiry,
 )
+from builder.stores.credentials import sas_expiry
+from builder.stores.sas import make_read_sas
 from tests.helpers import run_cli
 from tests.support.services import AzuriteEndpoint
 
@@ -594,7 +594,7 @@ def test_sas_command_refuses_a_local_folder(tmp_path: Path) -> None:
 
 
 def test_identity_sources_are_found_without_the_network(tmp_path: Path) -> None:
-    from builder.store import identity_sources
+    from builder.stores.credentials import identity_sources
 
     empty = {"PATH": str(tmp_path)}
     assert identity_sources(empty) == []

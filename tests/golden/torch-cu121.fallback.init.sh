@@ -383,16 +383,37 @@ redact() {
   if [[ -n ${SAS:-} ]]; then
     text=${text//"$SAS"/<sas>}
   fi
-  printf '%s' "$text" | sed -E -e 's/([?&]sig=)[^&[:space:]"]*/\1<redacted>/g' \
-    -e 's,([a-z]+://)[^/@[:space:]]*@,\1<redacted>@,g'
+  # A signature in any case; a URL's userinfo up to its last '@' (a password may hold '@').
+  printf '%s' "$text" | sed -E -e 's/([?&][sS][iI][gG]=)[^&[:space:]"]*/\1<redacted>/g' \
+    -e 's,([A-Za-z][A-Za-z0-9+.-]*://)[^[:space:]]*@,\1<redacted>@,g'
 }
 
 # --- settings -------------------------------------------------------------------------------
 
+# The install folder must be a folder of its own: never /, a system folder, or a path whose
+# meaning depends on '.' or '..' (gpubuild checks the profile's install_dir the same way).
+check_target() {
+  local target=$1
+  while [[ $target == */ && $target != / ]]; do
+    target=${target%/}
+  done
+  case $target/ in
+    *//* | */./* | */../*)
+      die "GPUBUILD_TARGET='$target' must be an absolute path without '.', '..' or '//'" ;;
+  esac
+  case $target in
+    / | /bin | /boot | /dev | /etc | /home | /lib | /lib32 | /lib64 | /libx32 | /media | /mnt | \
+      /opt | /proc | /root | /run | /sbin | /srv | /sys | /tmp | /usr | /var | /proc/* | \
+      /sys/* | /dev/*)
+      die "GPUBUILD_TARGET='$target' is a system folder; name the shared volume's mount point instead" ;;
+    /*) ;;
+    *) die "GPUBUILD_TARGET='$target' must be an absolute path (the shared volume's mount point)" ;;
+  esac
+  TARGET=$target
+}
+
 read_settings() {
-  TARGET=${GPUBUILD_TARGET:-$DEFAULT_TARGET}
-  TARGET=${TARGET%/}
-  [[ -n $TARGET ]] || die "GPUBUILD_TARGET is /; name the shared volume's mount point instead"
+  check_target "${GPUBUILD_TARGET:-$DEFAULT_TARGET}"
   STATE="$TARGET/.gpubuild"
   STAGING="$STATE/staging-$DIGEST"
   DOWNLOADS="$STATE/download"
@@ -400,18 +421,22 @@ read_settings() {
   local store=${GPUBUILD_STORE_URL:-$DEFAULT_STORE_URL}
   SAS=""
   SAS_SOURCE="none"
-  # A SAS pasted into the store URL is split off, so that the URL itself can be printed.
+  # Nothing secret may ride in the URL but a SAS in its query, which is split off so that
+  # the URL itself can be printed: a '#' or an '@' (userinfo) is refused without printing it.
+  if [[ $store == *#* ]]; then
+    die "GPUBUILD_STORE_URL holds a '#'; give the store's URL without a fragment, and its SAS through GPUBUILD_SAS or GPUBUILD_SAS_FILE"
+  fi
   if [[ $store == *\?* ]]; then
     SAS=${store#*\?}
     SAS_SOURCE="the query of GPUBUILD_STORE_URL"
     store=${store%%\?*}
   fi
-  STORE_URL=${store%/}
-  if [[ ! $STORE_URL =~ ^(https?|file):// ]]; then
-    die "GPUBUILD_STORE_URL must start with https://, http:// or file:// (got '$(redact "$STORE_URL")')"
+  if [[ $store == *@* ]]; then
+    die "GPUBUILD_STORE_URL carries a user name or password ($(redact "$store")); give a SAS through GPUBUILD_SAS or GPUBUILD_SAS_FILE instead"
   fi
-  if [[ $STORE_URL =~ ^[a-z]+://[^/]*@ ]]; then
-    die "GPUBUILD_STORE_URL carries a user name or password ($(redact "$STORE_URL")); give a SAS through GPUBUILD_SAS or GPUBUILD_SAS_FILE instead"
+  STORE_URL=${store%/}
+  if [[ ! ${STORE_URL,,} =~ ^(https?|file):// ]]; then
+    die "GPUBUILD_STORE_URL must start with https://, http:// or file:// (got '$(redact "$STORE_URL")')"
   fi
 
   if [[ -n ${GPUBUILD_SAS:-} ]]; then
@@ -426,7 +451,7 @@ read_settings() {
   fi
   SAS=${SAS//[[:space:]]/}
   SAS=${SAS#\?}
-  if [[ -n $SAS && $STORE_URL == file://* ]]; then
+  if [[ -n $SAS && ${STORE_URL,,} == file://* ]]; then
     log "note: a SAS means nothing to a file:// store; ignoring it"
     SAS=""
     SAS_SOURCE="none"
@@ -604,7 +629,7 @@ download_failure() {
   if [[ $message =~ returned\ error:\ ([0-9]{3}) ]]; then
     code=${BASH_REMATCH[1]}
   fi
-  if [[ $STORE_URL == file://* ]]; then
+  if [[ ${STORE_URL,,} == file://* ]]; then
     local path
     path=$(shard_url "$sha")
     path=${path#file://}
@@ -876,7 +901,11 @@ switch_live() {
   rm -f -- "$STATE/installed" "$STATE/verified-$DIGEST"
   move_live_to_trash
   for entry in "$STAGING"/*; do
-    mv -- "$entry" "$TARGET/" || die "cannot move $entry into $TARGET"
+    if ! mv -- "$entry" "$TARGET/" 2>/dev/null; then
+      # A folder this user may not write cannot be moved to another parent: make it writable.
+      chmod -R u+rwX -- "$entry" 2>/dev/null || true
+      mv -- "$entry" "$TARGET/" || die "cannot move $entry into $TARGET"
+    fi
   done
   rmdir -- "$STAGING"
   write_marker installed "$DIGEST $source"
@@ -1014,7 +1043,7 @@ main() {
     load_shards
     check_space
     log "installing $PROFILE $DIGEST into $TARGET: $(count_of "${#SHAS[@]}" shard), $(format_mb "$TOTAL_BYTES") to download, $(format_mb "$TOTAL_RAW_BYTES") and $(count_of "$TOTAL_FILES" file) unpacked"
-    log "store $STORE_URL (SAS: $SAS_SOURCE); $PARALLEL downloads at once, $RETRIES attempts each"
+    log "store $(redact "$STORE_URL") (SAS: $SAS_SOURCE); $PARALLEL downloads at once, $RETRIES attempts each"
     make_skeleton
     if ! fetch_all; then
       if [[ $FAILURE_CLASS == unreachable && $pip_installed == yes ]]; then

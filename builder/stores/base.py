@@ -1,0 +1,165 @@
+"""The store interface: where shards (blobs) and manifests live, whatever the kind.
+
+Layout, the same in every kind: `PREFIX/blobs/<sha256>.tar.zst` (shared by every profile) and
+`PREFIX/<profile>/<digest>/manifest.json` (docs/design.md#stores). Blobs are content-addressed,
+so writing one that is already there is a no-op, and two publishers writing the same blob at
+once both succeed. Secrets never reach an exception message, `str(store)` or `display_url`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import quote
+
+from builder.errors import BadInputError, IntegrityError, NotPublishedError, StoreError
+from builder.fields import SHA256
+from builder.manifest import Manifest, Shard, blob_key, manifest_from_bytes, manifest_key
+
+ProgressCallback = Callable[[int], None]
+"""Called with the number of bytes newly written since the previous call (a delta)."""
+
+COPY_CHUNK = 4 * 1024 * 1024
+
+
+def check_sha256(sha256: str) -> None:
+    if not SHA256.match(sha256):
+        raise BadInputError(f"{sha256!r} is not a sha256 digest (64 lowercase hex characters)")
+
+
+class Store:
+    """Where shards and manifests live. Subclasses: FileStore, AzureStore."""
+
+    display_url: str  # for messages: never holds a secret
+    base_url: str  # the folder that holds blobs/, as the init script reads it (no secret)
+
+    def __str__(self) -> str:
+        return self.display_url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.display_url!r})"
+
+    def has_blob(self, sha256: str) -> int | None:
+        """The blob's size in bytes when the store has it, else None."""
+        raise NotImplementedError
+
+    def put_blob(
+        self,
+        sha256: str,
+        path: Path,
+        on_progress: ProgressCallback | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> bool:
+        """Store the file at `path` as blob `sha256`; False when it was already there.
+
+        `overwrite`: replace what the store holds under that name (a damaged copy)."""
+        raise NotImplementedError
+
+    def open_blob(self, sha256: str) -> BinaryIO:
+        """A streaming reader of the blob (close it when done)."""
+        raise NotImplementedError
+
+    def put_manifest(self, profile: str, digest: str, data: bytes) -> None:
+        raise NotImplementedError
+
+    def get_manifest(self, profile: str, digest: str) -> bytes:
+        """The manifest's bytes; NotPublishedError when the store has none."""
+        raise NotImplementedError
+
+    def manifest(self, profile: str, digest: str) -> Manifest:
+        """The published manifest of `profile` at `digest`, read by the one manifest reader:
+        NotPublishedError when there is none, IntegrityError when it describes another."""
+        where = self.manifest_url(profile, digest)
+        manifest = manifest_from_bytes(self.get_manifest(profile, digest), where=where)
+        if manifest.digest != digest or manifest.profile != profile:
+            raise IntegrityError(
+                f"{where} describes {manifest.profile} {manifest.digest[:12]}, not {profile}"
+                f" {digest[:12]}: publish it again (gpubuild publish-cache --repair)"
+            )
+        return manifest
+
+    def missing_shards(self, shards: tuple[Shard, ...]) -> list[Shard]:
+        """Shards the store lacks or holds at another size (sizes only, so it takes a second;
+        `publish-cache --repair` re-hashes)."""
+        return [shard for shard in shards if self.has_blob(shard.sha256) != shard.bytes]
+
+    def complete_manifest(self, profile: str, digest: str) -> Manifest | None:
+        """The manifest when it and every blob it names are there; None when anything is
+        missing or the manifest is damaged (publishing again writes it whole)."""
+        try:
+            manifest = self.manifest(profile, digest)
+        except (NotPublishedError, IntegrityError, BadInputError):
+            return None
+        return None if self.missing_shards(manifest.shards) else manifest
+
+    def has_manifest(self, profile: str, digest: str) -> bool:
+        try:
+            self.get_manifest(profile, digest)
+        except NotPublishedError:
+            return False
+        return True
+
+    def blob_digest(self, sha256: str) -> tuple[str, int] | None:
+        """(sha256, size) of what the store really holds as blob `sha256`, read in a stream
+        (bounded memory); None when it has no such blob."""
+        try:
+            stream = self.open_blob(sha256)
+        except StoreError:
+            if self.has_blob(sha256) is None:
+                return None
+            raise
+        digest, size = hashlib.sha256(), 0
+        try:
+            while chunk := stream.read(COPY_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+        finally:
+            stream.close()
+        return digest.hexdigest(), size
+
+    def blob_url(self, sha256: str) -> str:
+        return f"{self.base_url}/{quote(blob_key(sha256))}"
+
+    def manifest_url(self, profile: str, digest: str) -> str:
+        return f"{self.base_url}/{quote(manifest_key(profile, digest))}"
+
+    def _size_to_put(self, sha256: str, path: Path) -> int | None:
+        """The file's size when the blob must be written; None when the store has it already.
+
+        A blob present at another size is damaged: refused, never silently overwritten.
+        """
+        size = file_size(path)
+        present = self.has_blob(sha256)
+        if present == size:
+            return None
+        if present is not None:
+            raise self._wrong_size(sha256, present, size)
+        return size
+
+    def _wrong_size(self, sha256: str, found: int, expected: int) -> StoreError:
+        return StoreError(
+            f"{self.display_url}/{blob_key(sha256)} holds {found} bytes, not {expected}: the copy "
+            "in the store is damaged; publish with --repair to replace it"
+        )
+
+    def _missing_blob(self, sha256: str) -> StoreError:
+        return StoreError(
+            f"{self.display_url} has no {blob_key(sha256)}: it was deleted or never published; "
+            "publish the profile again"
+        )
+
+    def _not_published(self, profile: str, digest: str) -> NotPublishedError:
+        return NotPublishedError(
+            f"{self.display_url} has no {manifest_key(profile, digest)}: publish it first "
+            "(gpubuild publish-cache) or check the profile name and digest"
+        )
+
+
+def file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such file to publish") from None
