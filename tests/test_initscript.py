@@ -4,10 +4,8 @@ empty), exit non-zero and say what happened; the SAS must never be printed."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import http.server
 import io
 import os
 import random
@@ -16,10 +14,8 @@ import stat
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -38,7 +34,8 @@ from builder.stores import open_store
 from builder.stores.sas import make_read_sas
 from builder.tools import run_uv
 from tests.helpers import REPO, run_cli, write_profile
-from tests.support.faults import Cut, ScriptedStore, Serve, blob_path
+from tests.support.faults import Cut, ScriptedStore, Serve, Slow, Stall, blob_path
+from tests.support.filesystems import tmpfs
 from tests.support.processes import kill_tree
 from tests.support.services import free_port, nginx_serving, require_program
 from tests.support.users import NONROOT_UID, as_nonroot, give_to_nonroot, is_root, nonroot_folder
@@ -122,7 +119,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
 
 
 @dataclass(frozen=True)
-class AzureStore:
+class AzuriteContainer:
     base_url: str
     sas: str
     account: str
@@ -130,7 +127,7 @@ class AzureStore:
 
 
 @pytest.fixture(scope="module")
-def azure_store(azurite_endpoint: object, artifacts: Artifacts) -> AzureStore:
+def azure_store(azurite_endpoint: object, artifacts: Artifacts) -> AzuriteContainer:
     """Both artifacts uploaded to a fresh Azurite container with the store's own code."""
     container = f"initscript-{uuid.uuid4().hex[:12]}"
     with pytest.MonkeyPatch.context() as patch:
@@ -143,7 +140,7 @@ def azure_store(azurite_endpoint: object, artifacts: Artifacts) -> AzureStore:
                 PROFILE, artifact.manifest.digest, manifest_to_bytes(artifact.manifest)
             )
         sas = make_read_sas(store, expiry=datetime.now(timezone.utc) + timedelta(hours=2))
-    return AzureStore(store.base_url, sas, azurite_endpoint.account, container)  # type: ignore[attr-defined]
+    return AzuriteContainer(store.base_url, sas, azurite_endpoint.account, container)  # type: ignore[attr-defined]
 
 
 def write_script(folder: Path, manifest: Manifest, store_url: str, **kwargs: object) -> Path:
@@ -248,89 +245,8 @@ def assert_no_secret(sas: str, *texts: str) -> None:
 # --- a store server that misbehaves on purpose --------------------------------------------
 
 
-class FaultyStore:
-    """Serves a store folder over HTTP on 127.0.0.1; the big shard can be cut, stalled or slowed.
-
-    modes: "ok", "close" (half the body, then the connection closes), "close-once" (that, on
-    the first request only), "stall" (half the body, then nothing), "slow" (about 2 MB/s).
-    """
-
-    def __init__(self, root: Path, big_sha: str, mode: str) -> None:
-        self.root = root
-        self.big = f"/blobs/{big_sha}.tar.zst"
-        self.mode = mode
-        self.requests = 0
-        self.release = threading.Event()
-        store = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = store.root / self.path.split("?", 1)[0].lstrip("/")
-                if not path.is_file():
-                    self.send_error(404)
-                    return
-                data = path.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.path.split("?", 1)[0] != store.big:
-                    self.wfile.write(data)
-                    return
-                store.requests += 1
-                mode = store.mode
-                if mode == "close-once":
-                    mode = "close" if store.requests == 1 else "ok"
-                if mode == "ok":
-                    self.wfile.write(data)
-                elif mode == "slow":
-                    for start in range(0, len(data), 64 * 1024):
-                        if store.release.is_set():
-                            return
-                        self.wfile.write(data[start : start + 64 * 1024])
-                        time.sleep(0.03)
-                else:
-                    self.wfile.write(data[: len(data) // 2])
-                    self.wfile.flush()
-                    if mode == "stall":
-                        store.release.wait(60)
-                self.close_connection = True
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        class Server(http.server.ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: object, client_address: object) -> None:
-                # curl hanging up on a stalled or slowed stream is the point of these tests.
-                if not isinstance(sys.exc_info()[1], ConnectionError):
-                    super().handle_error(request, client_address)  # type: ignore[arg-type]
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}"
-
-    def __enter__(self) -> FaultyStore:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def big_shard(manifest: Manifest) -> str:
     return max(manifest.shards, key=lambda s: s.bytes).sha256
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str) -> Iterator[Path]:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def shellcheck() -> str:
@@ -511,7 +427,7 @@ def test_upgrade_replaces_the_set(artifacts: Artifacts, tmp_path: Path) -> None:
 
 
 def test_installs_from_azurite_with_a_read_only_sas(
-    artifacts: Artifacts, azure_store: AzureStore, tmp_path: Path
+    artifacts: Artifacts, azure_store: AzuriteContainer, tmp_path: Path
 ) -> None:
     target = tmp_path / "vol"
     target.mkdir()
@@ -539,7 +455,7 @@ def test_installs_from_azurite_with_a_read_only_sas(
 
 
 def test_an_expired_sas_fails_clearly_without_printing_it(
-    artifacts: Artifacts, azure_store: AzureStore, tmp_path: Path
+    artifacts: Artifacts, azure_store: AzuriteContainer, tmp_path: Path
 ) -> None:
     from azure.storage.blob import ContainerSasPermissions, generate_container_sas
 
@@ -831,7 +747,8 @@ def test_a_missing_shard_fails_and_leaves_nothing(artifacts: Artifacts, tmp_path
 
 def test_a_stream_cut_once_is_retried(artifacts: Artifacts, tmp_path: Path) -> None:
     manifest = artifacts.a.manifest
-    with FaultyStore(artifacts.store, big_shard(manifest), "close-once") as server:
+    with ScriptedStore(artifacts.store) as server:
+        server.script(blob_path(big_shard(manifest)), Cut(0.5))
         target = tmp_path / "vol"
         target.mkdir()
         result = run_init(write_script(tmp_path, manifest, server.url), target)
@@ -872,7 +789,8 @@ def test_a_store_that_breaks_mid_stream_fails_cleanly(
         == 0
     )
     manifest = artifacts.b.manifest
-    with FaultyStore(artifacts.store, big_shard(manifest), mode) as server:
+    with ScriptedStore(artifacts.store) as server:
+        server.script(blob_path(big_shard(manifest)), Cut(0.5) if mode == "close" else Stall(0.5))
         result = run_init(
             write_script(tmp_path, manifest, server.url),
             target,
@@ -886,7 +804,7 @@ def test_a_store_that_breaks_mid_stream_fails_cleanly(
 
 
 def test_azurite_stopped_in_the_middle_of_a_download(
-    artifacts: Artifacts, azure_store: AzureStore, azurite_endpoint: object, tmp_path: Path
+    artifacts: Artifacts, azure_store: AzuriteContainer, azurite_endpoint: object, tmp_path: Path
 ) -> None:
     manifest = artifacts.a.manifest
     target = tmp_path / "vol"
@@ -946,7 +864,8 @@ def test_sigkill_mid_download_keeps_the_old_set_and_a_rerun_finishes(
     url = artifacts.store.as_uri()
     assert run_init(write_script(tmp_path, artifacts.a.manifest, url), target).returncode == 0
     manifest = artifacts.b.manifest
-    with FaultyStore(artifacts.store, big_shard(manifest), "slow") as server:
+    with ScriptedStore(artifacts.store) as server:
+        server.script(blob_path(big_shard(manifest)), Slow(2_000_000))
         script = write_script(tmp_path, manifest, server.url)
         proc = subprocess.Popen(
             ["bash", str(script)],
@@ -1239,7 +1158,7 @@ def read_lock_text(text: str, folder: Path) -> Lock:
 
 def test_dockerfile_init_image_installs_from_azurite(
     artifacts: Artifacts,
-    azure_store: AzureStore,
+    azure_store: AzuriteContainer,
     docker_client: object,
     base_image: str,
     tmp_path: Path,

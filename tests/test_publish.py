@@ -23,7 +23,7 @@ from builder.install import materialise
 from builder.manifest import blob_key
 from builder.pipeline import ensure_lock, publish_profile
 from builder.profile import load_profile
-from builder.stores import open_store
+from builder.stores import AzureStore, open_store
 from builder.stores.sas import make_read_sas
 from builder.tree import fix_tree
 from tests.helpers import run_cli, write_profile
@@ -177,13 +177,11 @@ def test_a_tampered_shard_is_detected_and_nothing_is_unpacked(
     published = _publish(_profile(tmp_path, "prof-b", ["model-b==2.0"]), az, index, tmp_path)
     small = min(published.manifest.shards, key=lambda s: s.bytes)
     store = open_store(az)
-    name = f"{store.prefix}/{blob_key(small.sha256)}"  # type: ignore[attr-defined]
+    assert isinstance(store, AzureStore)
+    name = f"{store.prefix}/{blob_key(small.sha256)}"
     blob = BlobServiceClient.from_connection_string(
         azurite_endpoint.connection_string
-    ).get_blob_client(
-        store.container,
-        name,  # type: ignore[attr-defined]
-    )
+    ).get_blob_client(store.container, name)
     data = bytearray(blob.download_blob().readall())
     data[len(data) // 2] ^= 0xFF
     blob.upload_blob(bytes(data), overwrite=True)
@@ -417,10 +415,11 @@ def test_repair_packs_a_damaged_local_copy_again_before_uploading(
     published = _publish(profile, az, index, tmp_path)
     shard = min(published.manifest.shards, key=lambda s: s.bytes)
     store = open_store(az)
+    assert isinstance(store, AzureStore)
     client = BlobServiceClient.from_connection_string(azurite_endpoint.connection_string)
     client.get_blob_client(
         store.container, f"{store.prefix}/{blob_key(shard.sha256)}"
-    ).delete_blob()  # type: ignore[attr-defined]
+    ).delete_blob()
     local = tmp_path / "packs" / blob_key(shard.sha256)
     local.write_bytes(_flip_middle_byte(local.read_bytes()))
     with pytest.raises(IntegrityError, match="pack again"):

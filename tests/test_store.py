@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -80,7 +81,7 @@ def _assert_secret_free(texts: list[str], *secrets: str) -> None:
     for text in texts:
         for secret in secrets:
             assert secret not in text
-            assert urllib.request.unquote(secret) not in text
+            assert urllib.parse.unquote(secret) not in text
 
 
 @pytest.fixture

@@ -265,7 +265,8 @@ def test_push_and_pull_through_registry(
     assert pushed_digest is not None and pushed_digest.startswith("sha256:")
 
     # The registry serves the manifest under the digest the engine reported.
-    conn = http.client.HTTPConnection(*registry_address.split(":"))
+    host, port = registry_address.split(":")
+    conn = http.client.HTTPConnection(host, int(port))
     conn.request(
         "HEAD",
         "/v2/data-ai/base/manifests/test",

@@ -41,6 +41,13 @@ class Stall:
 
 
 @dataclass(frozen=True)
+class Slow:
+    """Send the body at about `bytes_per_second` (until the server stops)."""
+
+    bytes_per_second: int = 2_000_000
+
+
+@dataclass(frozen=True)
 class Status:
     """Answer with an HTTP error status (and a Retry-After header when given)."""
 
@@ -48,7 +55,7 @@ class Status:
     retry_after: int | None = None
 
 
-Fault = Serve | Cut | Stall | Status
+Fault = Serve | Cut | Stall | Slow | Status
 
 
 @dataclass(frozen=True)
@@ -183,9 +190,14 @@ class ScriptedStore:
             handler.close_connection = True
             return
         sent = 0
+        step = 64 * 1024 if isinstance(fault, Slow) else 1 << 20
         try:
-            for offset in range(0, len(body), 1 << 20):
-                chunk = body[offset : offset + (1 << 20)]
+            for offset in range(0, len(body), step):
+                if isinstance(fault, Slow):
+                    if self._release.is_set():
+                        break
+                    time.sleep(step / fault.bytes_per_second)
+                chunk = body[offset : offset + step]
                 handler.wfile.write(chunk)
                 sent += len(chunk)
         finally:

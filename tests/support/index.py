@@ -48,9 +48,9 @@ def core_metadata(dist: Path) -> bytes:
         raise ValueError(f"{dist} has no .dist-info/METADATA")
     if dist.name.endswith(".tar.gz"):
         with tarfile.open(dist) as tf:
-            for member in tf.getmembers():
-                if member.name.count("/") == 1 and member.name.endswith("/PKG-INFO"):
-                    extracted = tf.extractfile(member)
+            for entry in tf.getmembers():
+                if entry.name.count("/") == 1 and entry.name.endswith("/PKG-INFO"):
+                    extracted = tf.extractfile(entry)
                     assert extracted is not None
                     return extracted.read()
         raise ValueError(f"{dist} has no PKG-INFO")
@@ -144,13 +144,13 @@ class _QuietRangeHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
 
-    def send_head(self) -> BinaryIO | None:  # type: ignore[override]
+    def send_head(self) -> BinaryIO | None:
         # One handler serves every request of a keep-alive connection.
         self._remaining: int | None = None
         path = self.translate_path(self.path)
         if self.path.endswith("/") or not os.path.isfile(path):
             # Directories (index.html, redirects) and 404s as the stdlib does.
-            return super().send_head()  # type: ignore[return-value]
+            return super().send_head()
         f = open(path, "rb")  # noqa: SIM115 - the base class closes it
         try:
             size = os.fstat(f.fileno()).st_size

@@ -1,0 +1,244 @@
+"""The fast layer: the pure parts of each stage, fed plain dataclasses, no files, no services.
+
+Integration tests beside this folder run the same stages against uv, Azurite, Docker and real
+wheels; these pin down the rules themselves, each in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from builder.backends import Job, constraint_lines, explain_conflict, project_toml
+from builder.base import BaseSnapshot, parse_snapshot
+from builder.errors import FormatError, IntegrityError, PolicyViolationError
+from builder.fetch import check_member
+from builder.fields import install_dir_problem, relative_path_problem
+from builder.initscript import leaf_directories, render_init_script, shard_label
+from builder.lock import Excluded, Lock, LockedPackage, parse_lock, render_lock
+from builder.manifest import Manifest, Shard, manifest_from_bytes, manifest_to_bytes
+from builder.profile import Index, Policy, Profile, Target
+from builder.resolve import inputs_digest, partition
+from builder.secrets import redact_url, scrub
+from builder.tree import Ownership, plan_shards
+from builder.units import megabytes, parse_duration, plural
+
+SNAPSHOT = BaseSnapshot(
+    Path("base.txt"),
+    {"protobuf": "4.25.8", "numpy": "1.26.4", "click": "8.1.7", "grpcio": "1.74.0"},
+    b"protobuf==4.25.8\nnumpy==1.26.4\nclick==8.1.7\ngrpcio==1.74.0\n",
+)
+
+
+def profile(**policy: tuple[str, ...]) -> Profile:
+    return Profile(
+        path=Path("unit.toml"),
+        name="unit",
+        description="",
+        target=Target(
+            base_image="base:1",
+            base_packages=Path("base.txt"),
+            python="3.10",
+            platform="x86_64-manylinux_2_28",
+            interpreter="/usr/bin/python3",
+        ),
+        heavy=("alpha==1.0",),
+        policy=Policy(
+            constraints=("protobuf<5", "numpy<2"),
+            exclude=policy.get("exclude", ("click",)),
+            allow_shadow=policy.get("allow_shadow", ()),
+        ),
+        indexes=(Index("torch", "https://torch.example.invalid/whl", ("torchlike",)),),
+        data=b'name = "unit"\n',
+        snapshot=SNAPSHOT,
+    )
+
+
+def pin(name: str, version: str, index: str | None = None) -> LockedPackage:
+    return LockedPackage(name, version, ("sha256:" + "a" * 64,), index, ("(profile)",))
+
+
+# --- resolution rules -------------------------------------------------------------------------
+
+
+def test_partition_ships_only_what_the_base_lacks() -> None:
+    resolved = [pin("alpha", "1.0"), pin("numpy", "1.26.4"), pin("click", "8.1.7")]
+    shipped, provided, excluded, shadowed = partition(resolved, profile(), SNAPSHOT, ())
+    assert [p.name for p in shipped] == ["alpha"]  # rule 5
+    assert [p.name for p in provided] == ["numpy"]  # same version as the base
+    assert [e.name for e in excluded] == ["click"]  # rule 2: never shipped
+    assert shadowed == []
+
+
+def test_partition_refuses_shadowing_unless_allowed() -> None:
+    resolved = [pin("grpcio", "1.75.0")]
+    with pytest.raises(PolicyViolationError, match=r"shadow the base image's grpcio==1\.74\.0"):
+        partition(resolved, profile(), SNAPSHOT, ())
+    shipped, _, _, shadowed = partition(resolved, profile(allow_shadow=("grpcio",)), SNAPSHOT, ())
+    assert [p.name for p in shipped] == ["grpcio"]
+    assert [(s.version, s.base_version) for s in shadowed] == [("1.75.0", "1.74.0")]
+
+
+def test_partition_refuses_a_routed_package_from_another_index() -> None:
+    unit = profile()
+    routed = [pin("torchlike", "2.0", "https://torch.example.invalid/whl")]
+    assert partition(routed, unit, SNAPSHOT, unit.indexes)[0][0].name == "torchlike"
+    elsewhere = [pin("torchlike", "2.0", "https://default.example.invalid/simple")]
+    with pytest.raises(PolicyViolationError, match="from index 'torch'"):  # rule 4
+        partition(elsewhere, unit, SNAPSHOT, unit.indexes)
+
+
+def test_constraints_pin_the_base_then_apply_the_policy() -> None:
+    lines = constraint_lines(profile(allow_shadow=("grpcio",)), SNAPSHOT)
+    assert "numpy==1.26.4" in lines and "protobuf<5" in lines
+    assert not any(line.startswith("grpcio") for line in lines)  # allowed to be replaced
+    toml = project_toml(profile(), profile().indexes)
+    assert "explicit = true" in toml and '"torchlike" = { index = "torch" }' in toml
+
+
+def test_a_conflict_is_explained_with_where_its_pins_come_from() -> None:
+    text = explain_conflict(
+        "Because wants-protobuf5 depends on protobuf>=5 and protobuf==4.25.8 ...",
+        profile(),
+        SNAPSHOT,
+    )
+    assert "protobuf==4.25.8 is pinned by the base image (base.txt)" in text  # rule 6
+    assert "protobuf<5 comes from [policy] constraints" in text
+
+
+def test_inputs_change_with_the_job_and_settings_not_otherwise() -> None:
+    from builder.indexes import IndexSettings
+
+    unit = profile()
+    heavy = inputs_digest(unit, Job(), IndexSettings())
+    assert heavy == inputs_digest(unit, Job(), IndexSettings())  # rule 7
+    assert heavy != inputs_digest(unit, Job(), IndexSettings(default_url="https://x.invalid"))
+    light = Job(requirements=("beta",), set_name="light", provided={"alpha": "1.0"})
+    assert heavy != inputs_digest(unit, light, IndexSettings())
+
+
+# --- the lock --------------------------------------------------------------------------------
+
+
+def lock(unit: Profile) -> Lock:
+    return Lock(
+        profile=unit.name,
+        python="3.10",
+        platform="x86_64-manylinux_2_28",
+        inputs="i",
+        backend="uv 0.9",
+        packages=(pin("alpha", "1.0"),),
+        interpreter=unit.target.interpreter,
+        install_dir=unit.target.install_dir,
+        sources=unit.sources,
+        excluded=(Excluded("click", "8.1.7", ("alpha",)),),
+    )
+
+
+def test_a_lock_is_written_and_read_back_unchanged() -> None:
+    unit = profile()
+    text = render_lock(lock(unit), unit.target.install_dir)
+    again = parse_lock(text, "unit.lock")
+    assert again == replace(lock(unit), packages=again.packages)
+    assert again.digest() == lock(unit).digest()
+    assert render_lock(again, unit.target.install_dir) == text
+
+
+def test_one_freshness_rule_says_what_changed() -> None:
+    unit = profile()
+    assert lock(unit).staleness(unit) == ()
+    edited = replace(unit, data=unit.data + b"# edited\n")
+    assert "changed since it was written" in lock(unit).staleness(edited)[0]
+    moved = replace(unit, target=replace(unit.target, install_dir="/deps"))
+    assert any("install folder" in r for r in lock(unit).staleness(moved))
+    assert lock(unit).staleness(unit, inputs="other") != ()
+
+
+def test_a_lock_pin_without_a_hash_is_refused() -> None:
+    unit = profile()
+    text = render_lock(lock(unit), unit.target.install_dir)
+    unhashed = "\n".join(line for line in text.splitlines() if "--hash" not in line) + "\n"
+    with pytest.raises(FormatError, match="pin alpha"):
+        parse_lock(unhashed.replace("alpha==1.0 \\", "alpha==1.0"), "unit.lock")
+
+
+# --- shards and manifests --------------------------------------------------------------------
+
+
+def test_large_distributions_get_a_shard_of_their_own() -> None:
+    owned: dict[str, tuple[str, ...]] = {
+        "big": ("big/a.so",),
+        "s1": ("s1/x.py",),
+        "s2": ("s2/x.py",),
+    }
+    sizes = {"big/a.so": 5000, "s1/x.py": 10, "s2/x.py": 10, "shared.txt": 3}
+    plans = plan_shards(Ownership(owned, {"shared.txt": ("s1", "s2")}, ()), sizes, 1000)
+    assert ("big",) in [p.packages for p in plans]
+    assert sorted(path for p in plans for path in p.paths) == sorted(sizes)  # each once
+    # Files several distributions claim go to one shard of their own, packed once.
+    assert [p.paths for p in plans].count(("shared.txt",)) == 1
+
+
+def manifest(**changes: object) -> Manifest:
+    shard = Shard("b" * 64, 10, "c" * 64, 20, 2, ("alpha",))
+    base = Manifest("d" * 64, "unit", "3.10", "x86_64-manylinux_2_28", "/shared-packages",
+                    (shard,), {"PYTHONPATH": "/shared-packages"}, (), ("alpha", "alpha/sub"))  # fmt: skip
+    return replace(base, **changes)  # type: ignore[arg-type]  # the fields are the Manifest's
+
+
+def test_the_manifest_reader_takes_what_the_writer_writes_and_nothing_unsafe() -> None:
+    assert manifest_from_bytes(manifest_to_bytes(manifest())) == manifest()
+    for bad in (manifest(directories=("../x",)), manifest(install_dir="/")):
+        with pytest.raises(FormatError):
+            manifest_from_bytes(manifest_to_bytes(bad))
+
+
+def test_the_init_script_pins_the_manifest_and_refuses_a_secret_url() -> None:
+    text = render_init_script(manifest(), "https://acct.blob.core.windows.net/c")
+    assert "readonly DIGEST=" + "d" * 64 in text and "b" * 64 + " 10 2 alpha" in text
+    with pytest.raises(Exception, match="GPUBUILD_SAS"):
+        render_init_script(manifest(), "https://acct.blob.core.windows.net/c?sig=abc")
+    with pytest.raises(IntegrityError):
+        render_init_script(replace(manifest(), digest="not-a-digest"), "https://a.invalid/c")
+    assert leaf_directories(("a", "a/b", "c")) == ["a/b", "c"]
+    assert shard_label(tuple(f"nvidia-lib-{n}" for n in range(20))).endswith("-more")
+
+
+def test_fetch_judges_each_member_before_it_is_extracted() -> None:
+    import tarfile
+
+    shard = manifest().shards[0]
+    ok = tarfile.TarInfo("alpha/x.py")
+    check_member(ok, shard)
+    link = tarfile.TarInfo("alpha/l")
+    link.type, link.linkname = tarfile.SYMTYPE, "../../etc"
+    with pytest.raises(IntegrityError, match="lead out"):
+        check_member(link, shard)
+
+
+# --- fields, secrets, units ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "ok"),
+    [("/shared-packages", True), ("/opt/deps", True), ("/", False), ("/.", False),
+     ("/a/../..", False), ("/usr", False), ("/proc/1", False), ("rel", False), ("/a/", False)],
+)  # fmt: skip
+def test_install_dir_rules(path: str, ok: bool) -> None:
+    assert (install_dir_problem(path) is None) == ok
+
+
+@pytest.mark.parametrize("path", ["../x", "/x", "a//b", "a/./b", ".gpubuild/x", "a\nb", ""])
+def test_relative_paths_that_could_leave_the_tree(path: str) -> None:
+    assert relative_path_problem(path) is not None
+
+
+def test_secrets_and_units() -> None:
+    assert redact_url("https://u:p4ssword@h/x?t=1") == "https://h/x"
+    assert "p4ssword" not in scrub("GET https://u:p4ssword@h/x failed")
+    assert megabytes(50_000) == "50.0 kB" and megabytes(2_500_000) == "2.5 MB"
+    assert plural(1, "file") == "1 file" and plural(2183, "file") == "2,183 files"
+    assert parse_duration("24h").total_seconds() == 86400
+    assert parse_snapshot("# c\nNumPy==1.26.4\n", "s.txt") == {"numpy": "1.26.4"}
