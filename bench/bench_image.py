@@ -42,8 +42,8 @@ from builder.budget import render_budget  # noqa: E402
 from builder.image import build_image  # noqa: E402
 from builder.indexes import IndexSettings  # noqa: E402
 from builder.lock import Lock  # noqa: E402
-from builder.pipeline import plan_worker  # noqa: E402
 from builder.profile import load_profile  # noqa: E402
+from builder.worker import plan_worker  # noqa: E402
 from tests.support import services  # noqa: E402
 from tests.support.index import serve_directory, write_simple_index  # noqa: E402
 from tests.test_dockerfile import worker_wheels, write_worker_profile  # noqa: E402

@@ -7,6 +7,9 @@ is not installed (copy this one file in, or pipe it in):
     kubectl exec -i POD -c ray-worker -- python3 - --json < builder/doctor.py
     python3 doctor.py [--json] [--shared /shared-packages]
 
+It is one long file on purpose: piped into a container's python it must be whole, so it cannot
+be split into modules or import anything of gpubuild's.
+
 Checks, each a PASS / FAIL / SKIP line (exit 1 when any fails):
   shared-dir  the shared folder exists and no gpubuild install was left half done;
   sys.path    the shared folder is on sys.path, before site-packages and before /app;

@@ -435,3 +435,25 @@ def test_repair_packs_a_damaged_local_copy_again_before_uploading(
     assert repaired.shards_uploaded == 1
     assert hashlib.sha256(local.read_bytes()).hexdigest() == shard.sha256
     assert fetch(f"{az}/prof-b/{published.digest}", tmp_path / "ok").files > 0
+
+
+def test_publish_resolves_once_and_a_rerun_not_at_all(
+    tmp_path: Path, index: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stages run in order, each once: a spy on the one resolution counts its runs."""
+    import builder.pipeline
+
+    calls: list[str] = []
+    real = builder.pipeline.resolve
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls.append("resolve")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builder.pipeline, "resolve", counting)
+    profile = _profile(tmp_path, "prof-b", ["model-b==2.0"])
+    store = tmp_path / "store"
+    first = _publish(profile, store.as_uri(), index, tmp_path)
+    assert calls == ["resolve"] and not first.already_published
+    again = _publish(profile, store.as_uri(), index, tmp_path)
+    assert calls == ["resolve"] and again.already_published

@@ -15,9 +15,9 @@ from builder.errors import BadInputError
 from builder.image import build_image, check_build_args, result_document, result_text
 from builder.indexes import IndexSettings
 from builder.light import render_toml_lists, split_document, split_text
-from builder.pipeline import generate_dockerfile, plan_worker, propose_split
 from builder.profile import load_profile
 from builder.units import GB, MB
+from builder.worker import generate_dockerfile, plan_worker, propose_split
 
 
 def _max_light_option(command: Command) -> Command:

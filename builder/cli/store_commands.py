@@ -15,6 +15,7 @@ from builder.cli.base import (
     report,
 )
 from builder.errors import BadInputError
+from builder.fetch import fetch, fetch_document
 from builder.files import write_secret_file
 from builder.indexes import IndexSettings
 from builder.pack import default_store_dir, manifest_document
@@ -220,8 +221,6 @@ def fetch_command(artifact_url: str, into: Path, as_json: bool) -> None:
     Example:
       gpubuild fetch file://$HOME/.cache/gpubuild/store/onnx-gpu/<digest> --into /tmp/sp
     """
-    from builder.fetch import fetch, fetch_document
-
     result = fetch(artifact_url, into, on_progress=report)
     if as_json:
         emit_json(fetch_document(result))
