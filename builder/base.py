@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
@@ -93,7 +94,7 @@ def render_snapshot(image: str, python: str, packages: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def snapshot_image(client: object, image: str) -> tuple[str, dict[str, str]]:
+def snapshot_image(client: Any, image: str) -> tuple[str, dict[str, str]]:
     """Run the image's own python and list its distributions; returns (interpreter, packages)."""
     import docker.errors
 
@@ -105,14 +106,14 @@ def snapshot_image(client: object, image: str) -> tuple[str, dict[str, str]]:
         _LIST_DISTRIBUTIONS,
     ]
     try:
-        client.images.get(image)  # type: ignore[attr-defined]
+        client.images.get(image)
     except docker.errors.ImageNotFound:
         try:
-            client.images.pull(image)  # type: ignore[attr-defined]
+            client.images.pull(image)
         except docker.errors.APIError as exc:
             raise DockerError(f"image {image} is not present and cannot be pulled: {exc}") from None
     try:
-        output = client.containers.run(  # type: ignore[attr-defined]
+        output = client.containers.run(
             image,
             command,
             entrypoint=[],
@@ -156,7 +157,7 @@ def _read_listing(listing: object, image: str) -> tuple[str, dict[str, str]]:
     return listing["python"], packages
 
 
-def docker_client() -> object:
+def docker_client() -> Any:  # a docker.DockerClient (the SDK has no type hints)
     import docker
     import docker.errors
 

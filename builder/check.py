@@ -8,7 +8,9 @@ requirements, the pipelines, gpubuild's own profiles, locks and manifests. This 
 given paths, parses what it recognises (ruamel.yaml's round-trip loader keeps line numbers and
 end-of-line comments), builds a small model of the deployment, and runs one function per rule.
 
-A file that fails to parse is a finding (GB001), never a crash. A YAML file is only ours when it
+A file that fails to parse is a finding (GB001), never a crash: so is YAML past the bounds of
+builder.yamlload (deep nesting, alias bombs), and a file named on the command line that is too
+big to read; one found in a folder is a warning (GB002). A YAML file is only ours when it
 names `kind: RayService`, `RayCluster` or `HelmRelease` at the top level (or is a pipeline), so
 Helm templates and other YAML in a checkout are left alone.
 

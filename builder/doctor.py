@@ -850,7 +850,8 @@ def check_onnxruntime() -> Check:
         return Check("onnxruntime", SKIP, "not present")
     label = f"onnxruntime {result['version']} ({result['file']})"
     after = _after_exit(run)
-    providers = [str(p) for p in result["providers"]]  # type: ignore[attr-defined]
+    offered = result.get("providers")
+    providers = [str(p) for p in offered] if isinstance(offered, list) else []
     if "CUDAExecutionProvider" not in providers:
         return Check(
             "onnxruntime",
@@ -874,8 +875,9 @@ def check_onnxruntime() -> Check:
             f"{label}: a session with CUDAExecutionProvider fails",
             [str(result["session_error"]), *after],
         )
-    session = result.get("session") or []
-    if "CUDAExecutionProvider" not in session:  # type: ignore[operator]
+    session = result.get("session")
+    session = [str(p) for p in session] if isinstance(session, list) else []
+    if "CUDAExecutionProvider" not in session:
         return Check(
             "onnxruntime",
             FAIL,

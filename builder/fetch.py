@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
@@ -31,7 +31,7 @@ from builder.units import megabytes, plural
 
 _CHUNK = 1 << 20
 # Python's own guard too, where it has one (3.10.12+, 3.11.4+); check_member does not rely on it.
-_DATA_FILTER: dict[str, object] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+_DATA_FILTER: dict[str, Any] = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,9 @@ def unpack_shard(source: Path, shard: Shard, into: Path) -> None:
             zstandard.ZstdDecompressor().stream_reader(raw, read_size=_CHUNK) as plain,
         ):
             tar_bytes = _HashingReader(plain)
-            with tarfile.open(fileobj=tar_bytes, mode="r|") as tar:  # type: ignore[call-overload]
+            # tarfile reads any object with read(); typeshed asks for a full file object.
+            stream = cast(BinaryIO, tar_bytes)
+            with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
                     check_member(member, shard)
                     if member.isfile() or member.issym():

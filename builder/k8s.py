@@ -1,21 +1,17 @@
-"""The Kubernetes side of the initContainer: the snippet, and `k8s patch` of a RayService file.
-
-`patch_ray_service` edits the text, not a re-dumped document (builder.yamltext says why): only
-the lines that must change are rewritten, in the indentation and quoting the file already uses
-at that place. The result is parsed again and compared with the intended document, and
-validated against the KubeRay CRD, before it is written (atomically).
+"""The Kubernetes side of the initContainer: the pod snippet (initContainer, volumes, mounts,
+env) for one published manifest, and validation against KubeRay's RayService CRD.
+`gpubuild k8s patch` puts the snippet into a RayService file: builder/k8s_patch.py.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
@@ -23,17 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from builder.errors import BadInputError, GpubuildError
-from builder.files import write_atomically
 from builder.manifest import Manifest
 from builder.yamltext import (
-    QUOTED,
     Style,
-    TextEditor,
     emit_mapping,
-    load_documents,
-    plain,
-    unified_diff,
-    upsert_plain,
 )
 
 # The name the deployment guide's `kubectl logs -c install-heavy-deps` already uses.
@@ -213,12 +202,14 @@ def render_snippet(snippet: PodSnippet) -> str:
 @cache
 def rayservice_schema() -> dict[str, Any]:
     """The `v1` openAPIV3Schema of KubeRay's RayService CRD (cached as JSON: the YAML is 1 MB)."""
-    text = resources.files("builder").joinpath("data", _CRD_FILE).read_bytes()
+    text = (resources.files("builder") / "data" / _CRD_FILE).read_bytes()
     digest = hashlib.sha256(text).hexdigest()[:16]
     cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpubuild"
     cached = cache_dir / f"rayservice-v1-{digest}.json"
     try:
-        return json.loads(cached.read_text(encoding="utf-8"))
+        loaded = json.loads(cached.read_text(encoding="utf-8"))
+        if isinstance(loaded, dict):
+            return loaded
     except (OSError, ValueError):
         pass
     from ruamel.yaml import YAML
@@ -226,7 +217,7 @@ def rayservice_schema() -> dict[str, Any]:
     for document in YAML(typ="safe").load_all(io.BytesIO(text)):
         for version in document["spec"]["versions"]:
             if version["name"] == "v1":
-                schema = version["schema"]["openAPIV3Schema"]
+                schema: dict[str, Any] = version["schema"]["openAPIV3Schema"]
                 try:
                     cache_dir.mkdir(parents=True, exist_ok=True)
                     tmp = cached.with_suffix(f".{os.getpid()}.tmp")
@@ -286,272 +277,3 @@ def validate_snippet(snippet: PodSnippet) -> None:
         raise InvalidManifestError(
             "the generated snippet does not validate against the KubeRay CRD: " + "; ".join(errors)
         )
-
-
-# --- the patch --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PatchResult:
-    path: Path
-    text: str  # the new text
-    diff: str  # unified diff, old -> new
-    changed: bool
-    warnings: tuple[str, ...] = ()
-
-
-def _worker_groups(documents: list[Any]) -> Iterator[tuple[int, Any, list[Any]]]:
-    """(document index, the document, its workerGroupSpecs) for each RayService / RayCluster."""
-    for number, document in enumerate(documents):
-        if not isinstance(document, Mapping):
-            continue
-        spec = document.get("spec")
-        if not isinstance(spec, Mapping):
-            continue
-        if document.get("kind") == "RayService":
-            cluster = spec.get("rayClusterConfig")
-            groups = cluster.get("workerGroupSpecs") if isinstance(cluster, Mapping) else None
-        elif document.get("kind") == "RayCluster":
-            groups = spec.get("workerGroupSpecs")
-        else:
-            continue
-        if isinstance(groups, list):
-            yield number, document, groups
-
-
-def _find_group(documents: list[Any], group: str, where: str) -> tuple[int, Any]:
-    found = []
-    names = []
-    for number, _document, groups in _worker_groups(documents):
-        for spec in groups:
-            if isinstance(spec, Mapping):
-                names.append(str(spec.get("groupName")))
-                if spec.get("groupName") == group:
-                    found.append((number, spec))
-    if not names:
-        raise BadInputError(f"{where}: holds no RayService (or RayCluster) with workerGroupSpecs")
-    if not found:
-        raise BadInputError(
-            f"{where}: no worker group named {group!r}; its groups are: {', '.join(names)}"
-        )
-    if len(found) > 1:
-        raise BadInputError(f"{where}: {len(found)} worker groups are named {group!r}; rename one")
-    return found[0]
-
-
-def _pod_spec(group_spec: Any, where: str, group: str) -> Any:
-    template = group_spec.get("template")
-    spec = template.get("spec") if isinstance(template, Mapping) else None
-    containers = spec.get("containers") if isinstance(spec, Mapping) else None
-    if not isinstance(containers, list) or not containers or not isinstance(containers[0], Mapping):
-        raise BadInputError(f"{where}: worker group {group!r} has no template.spec.containers")
-    for key in ("initContainers", "volumes"):
-        if key in spec and not isinstance(spec[key], list):
-            raise BadInputError(f"{where}: {group!r} template.spec.{key} is not a list")
-    for key in ("env", "volumeMounts"):
-        if key in containers[0] and not isinstance(containers[0][key], list):
-            raise BadInputError(f"{where}: {group!r} container {key} is not a list")
-    return spec
-
-
-def _env_values(container: Mapping[str, Any]) -> dict[str, str]:
-    values = {}
-    for item in container.get("env") or []:
-        if isinstance(item, Mapping) and isinstance(item.get("value"), str):
-            values[str(item["name"])] = str(item["value"])
-    return values
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Every list change for one pod spec; applied to the text and to plain data alike."""
-
-    init: list[tuple[dict[str, Any], Any]]
-    volumes: list[tuple[dict[str, Any], Any]]
-    mounts: list[tuple[dict[str, Any], Any]]
-    env: list[tuple[dict[str, Any], Any]]
-    quote_env: bool
-
-    def applyplain(self, pod: dict[str, Any]) -> dict[str, Any]:
-        pod = copy.deepcopy(pod)
-        pod["initContainers"] = upsert_plain(pod.get("initContainers") or [], self.init, front=True)
-        pod["volumes"] = upsert_plain(pod.get("volumes") or [], self.volumes)
-        main = pod["containers"][0]
-        if self.mounts:
-            main["volumeMounts"] = upsert_plain(main.get("volumeMounts") or [], self.mounts)
-        main["env"] = upsert_plain(main.get("env") or [], self.env)
-        return pod
-
-    def apply_text(self, editor: TextEditor, pod: Any) -> None:
-        editor.upsert_items(pod, "initContainers", self.init, before_key="containers", front=True)
-        editor.upsert_items(pod, "volumes", self.volumes)
-        main = pod["containers"][0]
-        if self.mounts:
-            editor.upsert_items(main, "volumeMounts", self.mounts)
-        quoted = frozenset({"value"}) if self.quote_env else frozenset()
-        editor.upsert_items(main, "env", self.env, always_quote=quoted)
-
-
-def _volume_item(existing: Mapping[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
-    """Keep a user's volume of another kind (a PVC suits the script too) or a larger sizeLimit."""
-    found = plain(existing)
-    if "emptyDir" not in wanted:
-        return wanted
-    if "emptyDir" not in found:
-        return found
-    current = (found.get("emptyDir") or {}).get("sizeLimit")
-    if current is not None and parse_quantity(str(current)) >= parse_quantity(
-        wanted["emptyDir"]["sizeLimit"]
-    ):
-        return found
-    merged = dict(found)
-    merged["emptyDir"] = {
-        **(found.get("emptyDir") or {}),
-        "sizeLimit": wanted["emptyDir"]["sizeLimit"],
-    }
-    return merged
-
-
-_QUANTITY = re.compile(r"^([0-9.]+)([KMGTPE]i?|[mk]?)$")
-_UNITS = {
-    "": 1,
-    "m": 0.001,
-    "k": 1e3,
-    "K": 1e3,
-    "M": 1e6,
-    "G": 1e9,
-    "T": 1e12,
-    "P": 1e15,
-    "E": 1e18,
-    "Ki": 2**10,
-    "Mi": 2**20,
-    "Gi": 2**30,
-    "Ti": 2**40,
-    "Pi": 2**50,
-    "Ei": 2**60,
-}
-
-
-def parse_quantity(text: str) -> float:
-    """A Kubernetes quantity ("10Gi", "500M", "1e9") in bytes; unknown forms count as 0."""
-    text = text.strip()
-    match = _QUANTITY.match(text)
-    if match:
-        return float(match.group(1)) * _UNITS[match.group(2)]
-    try:
-        return float(text)
-    except ValueError:
-        return 0.0
-
-
-def patch_text(
-    text: str, group: str, snippet: PodSnippet, where: str = "input"
-) -> tuple[str, tuple[str, ...]]:
-    """The text with `snippet` applied to worker group `group`; pure. Returns (text, warnings)."""
-    documents = load_documents(text, where)
-    number, group_spec = _find_group(documents, group, where)
-    pod = _pod_spec(group_spec, where, group)
-    main = pod["containers"][0]
-    warnings: list[str] = []
-
-    volume = PACKAGES_VOLUME
-    for mount in main.get("volumeMounts") or []:
-        if isinstance(mount, Mapping) and mount.get("mountPath") == snippet.install_dir:
-            volume = str(mount.get("name"))
-    init = snippet.init_container(volume)
-    volumes = snippet.volumes(volume)
-
-    for existing in pod.get("initContainers") or []:
-        if isinstance(existing, Mapping) and existing.get("name") in REPLACEABLE_INIT_NAMES:
-            other = [
-                str(m.get("name"))
-                for m in existing.get("volumeMounts") or []
-                if isinstance(m, Mapping) and m.get("name") not in (volume, SAS_VOLUME)
-            ]
-            if other:
-                warnings.append(
-                    f"replaced initContainer {existing.get('name')!r}, which also used volume(s) "
-                    f"{', '.join(other)} (model downloads?): move that work to an initContainer "
-                    "of its own"
-                )
-
-    final_volumes = []
-    for wanted in volumes:
-        existing_item = next(
-            (
-                v
-                for v in pod.get("volumes") or []
-                if isinstance(v, Mapping) and v.get("name") == wanted["name"]
-            ),
-            None,
-        )
-        if existing_item is None:
-            final_volumes.append(wanted)
-            continue
-        if "emptyDir" in wanted and "emptyDir" not in plain(existing_item):
-            warnings.append(
-                f"kept volume {wanted['name']!r} as it is (not an emptyDir); the script works on "
-                "any volume, and a persistent one skips the download when the digest is there"
-            )
-        final_volumes.append(_volume_item(existing_item, wanted))
-    has_mount = any(
-        isinstance(m, Mapping) and m.get("mountPath") == snippet.install_dir
-        for m in main.get("volumeMounts") or []
-    )
-    # Files that quote every env value get ours quoted too.
-    values = [e["value"] for e in main.get("env") or [] if isinstance(e, Mapping) and "value" in e]
-    plan = _Plan(
-        init=[(init, lambda c: c.get("name") in REPLACEABLE_INIT_NAMES)],
-        volumes=[(v, lambda e, n=v["name"]: e.get("name") == n) for v in final_volumes],
-        mounts=[] if has_mount else [(snippet.mount(volume), lambda m: False)],
-        env=[
-            (item, lambda e, n=item["name"]: e.get("name") == n)
-            for item in snippet.env(_env_values(main))
-        ],
-        quote_env=bool(values) and all(isinstance(v, QUOTED) for v in values),
-    )
-    editor = TextEditor(text, [main, pod, *pod["containers"]])
-    plan.apply_text(editor, pod)
-    new_text = editor.apply()
-    _check_result(documents, new_text, number, group, where, plan.applyplain(plain(pod)))
-    return new_text, tuple(warnings)
-
-
-def _check_result(
-    documents: list[Any], new_text: str, number: int, group: str, where: str, expected_pod: Any
-) -> None:
-    """The new text must parse to the old documents with only the pod spec changed, as planned."""
-    new_documents = load_documents(new_text, f"{where} (patched)")
-    if len(new_documents) != len(documents):
-        raise AssertionError("the patch changed the number of documents")
-    for index, (old, new) in enumerate(zip(documents, new_documents, strict=True)):
-        old_plain, new_plain = plain(old), plain(new)
-        if index != number:
-            if old_plain != new_plain:
-                raise AssertionError(f"the patch changed document {index}")
-            continue
-        _, _, groups = next(_worker_groups([new]))
-        new_group = next(
-            g for g in groups if isinstance(g, Mapping) and g.get("groupName") == group
-        )
-        if plain(new_group["template"]["spec"]) != expected_pod:
-            raise AssertionError("the patched pod spec is not the planned one")
-        validate_ray_service(new_plain, where)
-
-
-def patch_ray_service(
-    path: Path, group: str, snippet: PodSnippet, *, write: bool = True
-) -> PatchResult:
-    """Insert or update the initContainer, volume, mount and env of `group` in the file at `path`."""
-    validate_snippet(snippet)
-    try:
-        old = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: cannot read: {exc}") from None
-    new, warnings = patch_text(old, group, snippet, str(path))
-    changed = new != old
-    if changed and write:
-        write_atomically(path, new)
-    return PatchResult(path, new, unified_diff(old, new, path.name), changed, warnings)

@@ -89,12 +89,13 @@ def run_tool(
 
 
 def _stream(proc: subprocess.Popen[str], on_line: Callable[[str], None]) -> tuple[str, str]:
-    assert proc.stdout is not None and proc.stderr is not None
+    stdout, stderr = proc.stdout, proc.stderr
+    assert stdout is not None and stderr is not None  # both are pipes (run_tool)
     out: list[str] = []
-    reader = threading.Thread(target=lambda: out.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+    reader = threading.Thread(target=lambda: out.append(stdout.read()), daemon=True)
     reader.start()
     err: list[str] = []
-    for line in proc.stderr:
+    for line in stderr:
         err.append(line)
         on_line(line.rstrip("\n"))
     proc.wait()

@@ -17,9 +17,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ruamel.yaml.comments import TaggedScalar
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
 
 from builder.errors import BadInputError
+from builder.yamlload import load_yaml
 
 QUOTED = (DoubleQuotedScalarString, SingleQuotedScalarString)
 
@@ -145,8 +147,10 @@ def _scan_end(lines: list[str], start: int, col: int, dashes_belong: bool) -> in
 def _first_line(node: Any, fallback: tuple[int, int]) -> tuple[int, int]:
     """Line and column where a node's content starts (ruamel's own mark for a block mapping in
     a sequence can point at a comment above it)."""
-    if hasattr(node, "lc") and isinstance(node, Mapping) and node:
-        return tuple(node.lc.key(next(iter(node))))  # type: ignore[return-value]
+    marks: Any = getattr(node, "lc", None)  # ruamel's line/column marks
+    if marks is not None and isinstance(node, Mapping) and node:
+        line, column = marks.key(next(iter(node)))
+        return int(line), int(column)
     return fallback
 
 
@@ -201,7 +205,7 @@ def _seq_offset(lines: list[str], mapping: Any, key: str) -> int | None:
     if mapping.lc.value(key)[0] == mapping.lc.key(key)[0]:
         return None  # a flow sequence on the key's line
     _, dash = _item_dash(lines, value, 0)
-    return dash - mapping.lc.key(key)[1]
+    return int(dash - mapping.lc.key(key)[1])
 
 
 def _detect_seq_offset(lines: list[str], mappings: list[Any]) -> int:
@@ -219,7 +223,7 @@ def _detect_indent(mappings: list[Any]) -> int:
             if isinstance(value, Mapping) and value and hasattr(value, "lc"):
                 child_line, child_col = value.lc.key(next(iter(value)))
                 if child_line != mapping.lc.key(key)[0]:
-                    return max(1, child_col - mapping.lc.key(key)[1])
+                    return max(1, int(child_col - mapping.lc.key(key)[1]))
     return 2
 
 
@@ -251,6 +255,8 @@ def plain(node: Any) -> Any:
         return {str(k): plain(v) for k, v in node.items()}
     if isinstance(node, list):
         return [plain(v) for v in node]
+    if isinstance(node, TaggedScalar):  # `!!str x`, `!custom x`: ruamel keeps the tag, and
+        return plain(node.value)  # compares by identity; the value is what Kubernetes reads
     if isinstance(node, str):
         return str(node)
     if isinstance(node, bool) or node is None:
@@ -262,21 +268,9 @@ def plain(node: Any) -> Any:
     return node
 
 
-def round_trip_yaml() -> Any:
-    from ruamel.yaml import YAML
-
-    yaml = YAML(typ="rt")
-    yaml.preserve_quotes = True
-    return yaml
-
-
 def load_documents(text: str, where: str) -> list[Any]:
-    from ruamel.yaml.error import YAMLError
-
-    try:
-        return list(round_trip_yaml().load_all(text))
-    except YAMLError as exc:
-        raise BadInputError(f"{where}: not valid YAML: {exc}") from None
+    """Every document in `text`, through the one bounded loader (builder.yamlload says why)."""
+    return load_yaml(text, where).documents
 
 
 class TextEditor:
@@ -325,7 +319,8 @@ class TextEditor:
         added = []
         for item, matches in wanted:
             for index, existing in enumerate(seq):
-                if isinstance(existing, Mapping) and matches(existing):
+                # Matchers see plain data, as in upsert_plain (a tagged `!!str` name matches).
+                if isinstance(existing, Mapping) and matches(plain(existing)):
                     if plain(existing) != item:
                         start, end, dash = _item_span(self.lines, seq, index)
                         self._add(start, end, emit_sequence([item], dash, style))

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from builder.check import check
-from builder.checks.model import ray_image_versions
+from builder.checks.model import Finding, ray_image_versions
 from builder.checks.shell import shell_commands
 from builder.errors import BadInputError
 from tests.helpers import run_cli
@@ -66,7 +69,7 @@ def render_gpubuild_files(repo: Path) -> tuple[str, bytes, str]:
     profile = load_profile(repo / PROFILE)
     target = profile.target
     text = (repo / LOCK).read_text()
-    header = next(
+    header: dict[str, Any] = next(
         (json.loads(line.split(": ", 1)[1]) for line in text.splitlines()
          if line.startswith("# gpubuild: ")),
         {},
@@ -697,6 +700,118 @@ def test_cli_text_json_and_exit_status(tmp_path: Path) -> None:
 
     missing = run_cli("check", str(tmp_path / "nowhere"))
     assert missing.returncode == 2
+
+
+# --- hostile files: deep nesting, alias bombs, symlink loops, huge files ------------------
+
+
+def _alias_bomb(key: str, indent: str, levels: int = 9, width: int = 9) -> str:
+    """Lines of a YAML "billion laughs": each anchor is a list of `width` aliases of the one
+    before, so the last one names width**levels strings while the text stays a few lines."""
+    lines = [f"{indent}{key}0: &{key}0 [{', '.join(['lol'] * width)}]"]
+    for level in range(1, levels):
+        aliases = ", ".join([f"*{key}{level - 1}"] * width)
+        lines.append(f"{indent}{key}{level}: &{key}{level} [{aliases}]")
+    return "\n".join(lines) + "\n"
+
+
+def _gb001(result: object, path: Path) -> Finding:
+    findings = result.findings  # type: ignore[attr-defined]
+    [found] = [f for f in findings if f.code == "GB001" and f.path == str(path)]
+    return found
+
+
+def test_deeply_nested_yaml_is_gb001_not_a_recursion_error(tmp_path: Path) -> None:
+    repo = _copy_repo(tmp_path)
+    deep = "[" * 300 + "]" * 300
+    _edit(repo / HELM_RELEASE, "    replicaCount: 1\n", f"    replicaCount: 1\n    deep: {deep}\n")
+    _edit(repo / RAY_SERVICE, "  name: rayservice\n", f"  name: rayservice\n  x: {deep}\n")
+    result = check([repo])
+    for name in (HELM_RELEASE, RAY_SERVICE):
+        found = _gb001(check([repo / name]), repo / name)
+        assert found.line == _line_of(repo / name, "[[[")
+        assert "nested more than 100 levels" in found.message
+    assert {(f.path, f.code) for f in result.findings} == {
+        (str(repo / HELM_RELEASE), "GB001"),
+        (str(repo / RAY_SERVICE), "GB001"),
+    }
+
+    cli = run_cli("check", str(repo / HELM_RELEASE))
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert cli.stdout.startswith(
+        f"{repo / HELM_RELEASE}:{_line_of(repo / HELM_RELEASE, '[[[')}: GB001"
+    )
+
+
+def test_alias_bomb_is_gb001_within_the_expansion_bound(tmp_path: Path) -> None:
+    """`_strings` walks a HelmRelease's values and `_mappings` a pipeline: fully expanded, 9**9
+    strings took minutes. The loader refuses once aliases stand for more than its bound."""
+    repo = _copy_repo(tmp_path)
+    _edit(
+        repo / HELM_RELEASE,
+        "    replicaCount: 1\n",
+        "    replicaCount: 1\n" + _alias_bomb("b", "    "),
+    )
+    pipeline = repo / "your-gpu-service" / "azure-pipelines.yaml"
+    pipeline.write_text(pipeline.read_text() + _alias_bomb("lol", ""))
+    result = check([repo / HELM_RELEASE, pipeline])
+    for path, key in ((repo / HELM_RELEASE, "b"), (pipeline, "lol")):
+        found = _gb001(result, path)
+        assert _line_of(path, f"{key}1: &") < found.line <= _line_of(path, f"{key}8: &")
+        assert "aliases" in found.message and "100000" in found.message
+
+    # A safety net only: the bound makes this quick (it ran for minutes before).
+    cli = subprocess.run(
+        [sys.executable, "-m", "builder.cli", "check", str(pipeline)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert f"{pipeline}:" in cli.stdout and "GB001" in cli.stdout
+
+
+def test_symlink_loops_in_a_checkout_are_skipped_not_a_crash(tmp_path: Path) -> None:
+    repo = _copy_repo(tmp_path)
+    dev = repo / "draft-deployment" / "dev"
+    (dev / "self.yaml").symlink_to("self.yaml")
+    (dev / "a.yaml").symlink_to("b.yaml")
+    (dev / "b.yaml").symlink_to("a.yaml")
+    (dev / "up").symlink_to("..", target_is_directory=True)
+    result = check([repo])
+    assert result.findings == (), "\n".join(f.text() for f in result.findings)
+    assert len(result.files) == 10
+
+    cli = run_cli("check", str(repo))
+    assert cli.returncode == 0 and "Traceback" not in cli.stderr, cli.stderr
+
+
+def test_a_named_file_over_the_size_limit_is_an_error(tmp_path: Path) -> None:
+    """A file the user names is one they want checked: not reading it is an error (GB001,
+    exit 1) that names it and its size, never a silent pass."""
+    path = tmp_path / "ray-service.yaml"
+    text = (REPO / RAY_SERVICE).read_text()
+    path.write_text(text + "# padding\n" * (9 * 1024 * 1024 // 10))
+    size = path.stat().st_size
+    result = check([path])
+    found = _gb001(result, path)
+    assert found.line == 1 and str(size) in found.message and "8 MiB" in found.message
+    assert result.exit_code == 1
+
+    cli = run_cli("check", str(path))
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr
+    assert cli.stdout.startswith(f"{path}:1: GB001") and str(size) in cli.stdout
+
+
+def test_a_walked_file_over_the_size_limit_is_a_warning(tmp_path: Path) -> None:
+    repo = _copy_repo(tmp_path)
+    huge = repo / "draft-deployment" / "dev" / "huge.yaml"
+    huge.write_text("# generated\n" * (9 * 1024 * 1024 // 12))
+    # Not a deployment file by its name: never read at any size, like every such file.
+    (repo / "your-gpu-service" / "model.onnx").write_bytes(b"\0" * (9 * 1024 * 1024))
+    result = check([repo])
+    [found] = result.findings
+    assert (found.path, found.line, found.code) == (str(huge), 1, "GB002")
+    assert found.severity == "warning" and str(huge.stat().st_size) in found.message
+    assert result.exit_code == 0
 
 
 if __name__ == "__main__":

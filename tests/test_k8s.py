@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ruamel.yaml import YAML
@@ -17,14 +18,13 @@ from builder.errors import BadInputError
 from builder.k8s import (
     PodSnippet,
     init_container_spec,
-    parse_quantity,
-    patch_ray_service,
     pod_snippet,
     render_snippet,
     schema_errors,
     size_limit,
     worker_env,
 )
+from builder.k8s_patch import parse_quantity, patch_ray_service
 from builder.manifest import Manifest, Shard
 from tests.helpers import run_cli, write_profile
 
@@ -59,12 +59,13 @@ def snippet(**kwargs: object) -> PodSnippet:
     return pod_snippet(manifest(), image=IMAGE, **kwargs)  # type: ignore[arg-type]
 
 
-def load_all(text: str) -> list[object]:
+def load_all(text: str) -> list[Any]:
     return list(YAML(typ="safe").load_all(text))
 
 
 def diff_lines(old: str, new: str) -> tuple[list[str], list[str]]:
-    removed, added = [], []
+    removed: list[str] = []
+    added: list[str] = []
     for line in difflib.unified_diff(old.splitlines(), new.splitlines(), lineterm="", n=0):
         if line.startswith(("---", "+++", "@@")):
             continue
@@ -178,8 +179,8 @@ def test_patch_the_guide_file_changes_only_the_intended_lines(tmp_path: Path) ->
     assert result.warnings and "model-cache" in result.warnings[0]
 
     documents = load_all(new)
-    assert schema_errors(documents[0]) == []  # type: ignore[arg-type]
-    pod = group_pod(documents[0], GUIDE_GROUP)  # type: ignore[arg-type]
+    assert schema_errors(documents[0]) == []
+    pod = group_pod(documents[0], GUIDE_GROUP)
     assert [c["name"] for c in pod["initContainers"]] == ["install-heavy-deps"]
     assert pod["initContainers"][0]["image"] == IMAGE
     # The existing 10Gi is more than the 4Gi needed: kept.
@@ -187,7 +188,7 @@ def test_patch_the_guide_file_changes_only_the_intended_lines(tmp_path: Path) ->
     assert (
         load_all(old)[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
         == documents[0]["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-    )  # type: ignore[index]
+    )
 
     again = patch_ray_service(path, GUIDE_GROUP, snippet(secret="gpubuild-sas"))
     assert not again.changed and again.diff == ""
@@ -233,7 +234,7 @@ def test_patch_kuberay_samples_only_adds_lines(tmp_path: Path, name: str, group:
         if isinstance(after, dict) and after.get("kind") == "RayService":
             assert schema_errors(after) == []
             pod = group_pod(after, group)
-            old_pod = group_pod(before, group)  # type: ignore[arg-type]
+            old_pod = group_pod(before, group)
             main, old_main = pod["containers"][0], old_pod["containers"][0]
             assert {"mountPath": "/shared-packages", "name": "python-packages"} in main[
                 "volumeMounts"
@@ -269,7 +270,7 @@ def test_patch_a_group_whose_pod_has_volumes_and_init_containers(tmp_path: Path)
     patch_ray_service(path, "gpu-group", snippet())
     removed, _ = diff_lines(text, path.read_text())
     assert removed == ["          volumes: []"]
-    pod = group_pod(load_all(path.read_text())[0], "gpu-group")  # type: ignore[arg-type]
+    pod = group_pod(load_all(path.read_text())[0], "gpu-group")
     assert [c["name"] for c in pod["initContainers"]] == ["install-heavy-deps", "fetch-model"]
     assert pod["volumes"] == [{"name": "python-packages", "emptyDir": {"sizeLimit": "4Gi"}}]
 
@@ -495,13 +496,25 @@ def test_cli_refuses_an_alias_with_exit_2(tmp_path: Path) -> None:
     assert path.read_text() == ALIASED
 
 
-def test_explicit_tags_in_the_pod_spec_are_kept_and_compared_by_value(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("plain_line", "tagged_line"),
+    [
+        ("priorityClassName: gpu-workload-high", "priorityClassName: !!str gpu-workload-high"),
+        ("- name: install-heavy-deps", "- name: !!str install-heavy-deps"),
+        ("- name: PYTHONPATH", "- name: !!str PYTHONPATH"),
+    ],
+)
+def test_explicit_tags_in_the_pod_spec_are_kept_and_compared_by_value(
+    tmp_path: Path, plain_line: str, tagged_line: str
+) -> None:
     """ruamel reads `!!str x` as a TaggedScalar, equal only to itself: the check of the patched
-    text raised AssertionError (a traceback) before `plain` compared such values by value."""
-    text = GUIDE_FILE.read_text().replace(
-        "priorityClassName: gpu-workload-high", "priorityClassName: !!str gpu-workload-high"
-    )
+    text raised AssertionError (a traceback), and a tagged name did not match ours."""
+    text = GUIDE_FILE.read_text()
+    assert text.count(plain_line) == 1
     path = tmp_path / "ray-service.yaml"
-    path.write_text(text)
+    path.write_text(text.replace(plain_line, tagged_line))
     result = patch_ray_service(path, GUIDE_GROUP, snippet())
-    assert result.changed and "priorityClassName: !!str gpu-workload-high" in path.read_text()
+    plain_path = tmp_path / "plain.yaml"
+    plain_path.write_text(text)
+    expected = patch_ray_service(plain_path, GUIDE_GROUP, snippet())
+    assert result.changed and load_all(path.read_text()) == load_all(expected.text)

@@ -442,9 +442,9 @@ def test_publish_resolves_once_and_a_rerun_not_at_all(
 ) -> None:
     """The stages run in order, each once: a spy on the one resolution counts its runs."""
     import builder.pipeline
+    from builder.resolve import resolve as real
 
     calls: list[str] = []
-    real = builder.pipeline.resolve
 
     def counting(*args: object, **kwargs: object) -> object:
         calls.append("resolve")

@@ -59,7 +59,7 @@ def shared_installs(group: Group, links: Links) -> list[SharedInstall]:
         installs = [p for p in pip_installs(container) if p.target]
         if not installs:
             continue
-        names = frozenset(n for p in installs for n in p.names)
+        names = frozenset(canonicalize_name(n) for p in installs for n in p.names)
         target = (installs[0].target or DEFAULT_SHARED).rstrip("/")
         matching = matching_profile(names, links)
         manifest = links.published(matching) if matching else None

@@ -27,6 +27,7 @@ RULES: dict[str, Rule] = {
     rule.code: rule
     for rule in (
         Rule("GB001", ERROR, "a deployment file that cannot be parsed"),
+        Rule("GB002", WARNING, "a file that may be a deployment file, skipped for its size"),
         Rule("GB101", ERROR, "Ray version differs from the rest of the deployment"),
         Rule("GB102", WARNING, "a Ray image without a version in its tag (latest, nightly)"),
         Rule("GB103", WARNING, "a ray / ray[client] requirement that is not pinned with =="),

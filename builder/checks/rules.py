@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Set
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -196,7 +197,7 @@ def shipped_findings(checkout: Checkout, links: Links) -> list[Finding]:
     sources: list[tuple[str, str, list[tuple[str, str]], dict[str, int], set[str]]] = []
     for lock in checkout.locks:
         packages = [(p.name, p.version) for p in lock.lock.packages]
-        allowed = {canonicalize_name(s.name) for s in lock.lock.shadowed}
+        allowed: set[str] = {canonicalize_name(s.name) for s in lock.lock.shadowed}
         sources.append((lock.display, lock.lock.profile, packages, lock.lines, allowed))
     for item in (m for m in checkout.manifests if not m.from_store):
         packages = [(p.name, p.version) for p in item.manifest.packages]
@@ -220,7 +221,7 @@ def shipped_findings(checkout: Checkout, links: Links) -> list[Finding]:
 
 
 def _shipped_finding(
-    name: str, version: str, where: Where, base: Any, allowed: set[str], profile: str
+    name: str, version: str, where: Where, base: Any, allowed: Set[str], profile: str
 ) -> Finding | None:
     try:
         parsed = Version(version)

@@ -48,7 +48,8 @@ def logical_lines(
     Inside a Dockerfile continuation, comment lines and empty lines are dropped (and the
     instruction goes on), as Docker's parser does.
     """
-    text, pieces = "", []
+    text = ""
+    pieces: list[tuple[str, int]] = []
     for piece, line in physical:
         if dockerfile and pieces and (not piece.strip() or piece.lstrip().startswith("#")):
             continue
@@ -58,7 +59,8 @@ def logical_lines(
             continue
         text += piece
         yield text, tuple(pieces)
-        text, pieces = "", []
+        text = ""
+        pieces = []
     if pieces:
         yield text, tuple(pieces)
 

@@ -9,7 +9,8 @@ import click
 from builder.cli.base import GpubuildGroup, emit_json, json_option, lock_option, report
 from builder.errors import BadInputError
 from builder.initscript import render_init_script, write_script
-from builder.k8s import patch_ray_service, pod_snippet, render_snippet
+from builder.k8s import pod_snippet, render_snippet
+from builder.k8s_patch import patch_ray_service
 from builder.pipeline import Published, find_published
 from builder.profile import load_profile
 from builder.stores import default_store_url

@@ -42,9 +42,10 @@ def check_command(
 
     \b
     Codes:
-      GB001 file does not parse        GB101 Ray version mismatch
-      GB102 Ray image without version  GB103 ray[client] not pinned ==
-      GB104 Python version mismatch    GB201 LD_LIBRARY_PATH lacks library folders
+      GB001 file does not parse        GB002 file skipped: over 8 MiB
+      GB101 Ray version mismatch       GB102 Ray image without version
+      GB103 ray[client] not pinned ==  GB104 Python version mismatch
+      GB201 LD_LIBRARY_PATH lacks library folders
       GB202 PYTHONPATH lacks /shared-packages   GB203 /app before /shared-packages
       GB301 Flux $imagepolicy marker missing    GB302 marker names the wrong field
       GB401 pip at pod start, cache published   GB402 rm -rf protobuf/click hack

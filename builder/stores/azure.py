@@ -80,6 +80,8 @@ class _ChunkReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    # typeshed's parameter type is WriteableBuffer, a name only its stubs have; a memoryview
+    # is what io.BufferedReader passes.
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         while not len(self._pending):
             with self._errors():
