@@ -45,7 +45,7 @@ from builder.lock import Lock  # noqa: E402
 from builder.profile import load_profile  # noqa: E402
 from builder.worker import plan_worker  # noqa: E402
 from tests.support import services  # noqa: E402
-from tests.support.index import serve_directory, write_simple_index  # noqa: E402
+from tests.support.index import serve_index  # noqa: E402
 from tests.test_dockerfile import worker_wheels, write_worker_profile  # noqa: E402
 
 CASES = {
@@ -74,9 +74,8 @@ def mirror(lock: Lock, folder: Path) -> Iterator[str]:
     )  # fmt: skip
     root = folder.parent / f"{folder.name}-index"
     shutil.rmtree(root, ignore_errors=True)
-    write_simple_index(sorted(folder.glob("*.whl")), root)
-    with serve_directory(root) as url:
-        yield f"{url}/simple"
+    with serve_index(sorted(folder.glob("*.whl")), root) as url:
+        yield url
 
 
 def run_case(
@@ -147,11 +146,8 @@ def main() -> int:
             interpreter, packages = snapshot_image(client, base)
             snapshot = render_snapshot(base, interpreter, packages)
             root = scratch / "index"
-            write_simple_index(worker_wheels(scratch / "dists"), root)
-            with serve_directory(root) as url:
-                results["test-build"] = run_case(
-                    "test-build", client, base, snapshot, f"{url}/simple", work
-                )
+            with serve_index(worker_wheels(scratch / "dists"), root) as url:
+                results["test-build"] = run_case("test-build", client, base, snapshot, url, work)
             if args.real:
                 results["real-wheels"] = run_case("real-wheels", client, base, snapshot, None, work)
             engine = client.version()  # type: ignore[attr-defined]

@@ -34,8 +34,8 @@ import zstandard  # noqa: E402
 
 from builder.install import materialise  # noqa: E402
 from builder.pack import ZSTD_LEVEL, write_artifact  # noqa: E402
-from builder.pipeline import ensure_lock  # noqa: E402
 from builder.profile import load_profile  # noqa: E402
+from builder.resolve import ensure_lock  # noqa: E402
 from builder.tree import fix_tree, list_tree  # noqa: E402
 
 

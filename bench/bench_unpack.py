@@ -34,7 +34,7 @@ from builder.lock import read_lock  # noqa: E402
 from builder.pipeline import pack_profile  # noqa: E402
 from builder.profile import load_profile  # noqa: E402
 from builder.tools import uv_bin, uv_env  # noqa: E402
-from tests.support.index import serve_directory, write_simple_index  # noqa: E402
+from tests.support.index import serve_index  # noqa: E402
 from tests.support.services import nginx_serving  # noqa: E402
 
 
@@ -122,8 +122,7 @@ def main() -> None:
     with ExitStack() as stack:
         index_root = work / "index"
         shutil.rmtree(index_root, ignore_errors=True)
-        write_simple_index(wheels, index_root)
-        index_url = stack.enter_context(serve_directory(index_root)) + "/simple"
+        index_url = stack.enter_context(serve_index(wheels, index_root))
         store_url = stack.enter_context(nginx_serving(store, work / "nginx"))
         script = work / "init.sh"
         script.write_text(render_init_script(manifest, store_url))

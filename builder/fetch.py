@@ -26,7 +26,9 @@ from builder.errors import BadInputError, IntegrityError
 from builder.fields import SHA256, relative_path_problem
 from builder.manifest import Manifest, Shard
 from builder.progress import Progress, silent
+from builder.secrets import redact_url
 from builder.stores import Store, open_store
+from builder.stores.urls import parse_oci_url
 from builder.units import megabytes, plural
 
 _CHUNK = 1 << 20
@@ -190,17 +192,35 @@ def package_label(packages: tuple[str, ...], limit: int = 3) -> str:
     return shown if len(packages) <= limit else f"{shown} and {len(packages) - limit} more"
 
 
+def _published_manifest(url: str, sas: str | None) -> tuple[Store, Manifest]:
+    """The store and the manifest `url` names: STORE/PROFILE/DIGEST, or a registry's image
+    (oci://REGISTRY/REPOSITORY@sha256:... or :TAG)."""
+    if url.lower().startswith(("oci://", "oci+http://", "oci+https://")):
+        location, reference = parse_oci_url(url)
+        if reference is None:
+            raise BadInputError(
+                f"{redact_url(url)}: name the image: oci://REGISTRY/REPOSITORY@sha256:..."
+                " (as publish-cache prints it) or :TAG"
+            )
+        from builder.stores.oci import open_oci_store  # requests: only for a registry
+
+        registry = open_oci_store(location)
+        manifest, _ = registry.manifest_at(reference)
+        return registry, manifest
+    store_url, profile, digest = split_artifact_url(url)
+    store = open_store(store_url, sas=sas)
+    return store, store.manifest(profile, digest)
+
+
 def fetch(
     url: str, into: Path, *, sas: str | None = None, on_progress: Progress = silent
 ) -> FetchResult:
     report = on_progress
-    store_url, profile, digest = split_artifact_url(url)
     if into.exists() and (not into.is_dir() or any(into.iterdir())):
         raise BadInputError(
             f"{into} exists and is not an empty folder; fetch unpacks into a new one"
         )
-    store = open_store(store_url, sas=sas)
-    manifest = store.manifest(profile, digest)
+    store, manifest = _published_manifest(url, sas)
     into.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     raw_bytes = sum(shard.raw_bytes for shard in manifest.shards)
@@ -226,7 +246,8 @@ def fetch(
         leaving = links_leaving(staging)
         if leaving:
             raise IntegrityError(
-                f"{store.manifest_url(profile, digest)}: the unpacked set has links that lead"
+                f"{store.manifest_url(manifest.profile, manifest.digest)}: the unpacked set has"
+                " links that lead"
                 f" out of it ({', '.join(leaving[:5])}); nothing was unpacked into {into}."
                 " gpubuild never packs such links: do not trust this store"
             )

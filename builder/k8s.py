@@ -119,59 +119,118 @@ def worker_env(
     return env
 
 
+# How a pod gets the heavy set (docs/design.md#stores):
+#   blob          the init script downloads and unpacks the shards (any store; a SAS for Azure)
+#   init-copy     an initContainer from the registry's init-copy image copies the tree into an
+#                 emptyDir: pulled by the kubelet with the node's identity, cached per node
+#   image-volume  the registry's image mounted read-only as a volume: no copy, no container
+DELIVERIES = ("blob", "init-copy", "image-volume")
+
+
 @dataclass(frozen=True)
 class PodSnippet:
-    """What one worker group's pod template needs: built from a manifest, applied by patch."""
+    """What one worker group's pod template needs: built from a manifest, applied by patch.
+
+    `image`: the init image (blob), the init-copy image or the heavy image (image-volume),
+    the last two by digest."""
 
     install_dir: str
     image: str
     size_limit: str
     manifest: Manifest = field(repr=False)
     secret: str | None = None
+    delivery: str = "blob"
 
-    def init_container(self, volume: str = PACKAGES_VOLUME) -> dict[str, Any]:
+    def init_container(self, volume: str = PACKAGES_VOLUME) -> dict[str, Any] | None:
+        if self.delivery == "image-volume":
+            return None
+        if self.delivery == "init-copy":
+            return copy_container_spec(self.manifest, image=self.image, volume=volume)
         return init_container_spec(
             self.manifest, image=self.image, volume=volume, secret=self.secret
         )
 
     def volumes(self, volume: str = PACKAGES_VOLUME) -> list[dict[str, Any]]:
+        if self.delivery == "image-volume":
+            return [
+                {"name": volume, "image": {"reference": self.image, "pullPolicy": "IfNotPresent"}}
+            ]
         found: list[dict[str, Any]] = [{"name": volume, "emptyDir": {"sizeLimit": self.size_limit}}]
-        if self.secret:
+        if self.secret and self.delivery == "blob":
             found.append(
                 {"name": SAS_VOLUME, "secret": {"secretName": self.secret, "defaultMode": 0o400}}
             )
         return found
 
     def mount(self, volume: str = PACKAGES_VOLUME) -> dict[str, Any]:
-        return {"mountPath": self.install_dir, "name": volume}
+        mount: dict[str, Any] = {"mountPath": self.install_dir, "name": volume}
+        if self.delivery == "image-volume":
+            mount["readOnly"] = True  # an image volume is read-only whatever it says
+        return mount
 
     def env(self, existing: Mapping[str, str] | None = None) -> list[dict[str, str]]:
         return worker_env(self.manifest, existing)
 
 
+def copy_container_spec(manifest: Manifest, *, image: str, volume: str) -> dict[str, Any]:
+    """The initContainer that runs the init-copy image's copy script into the shared volume."""
+    return {
+        "name": INIT_CONTAINER_NAME,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "env": [{"name": "GPUBUILD_TARGET", "value": manifest.install_dir}],
+        "volumeMounts": [{"mountPath": manifest.install_dir, "name": volume}],
+        "resources": {
+            "requests": {"cpu": "500m", "memory": "128Mi"},
+            "limits": {"cpu": "2", "memory": "512Mi"},
+        },
+    }
+
+
+_DIGEST_REFERENCE = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?/[a-z0-9._/-]+@sha256:[0-9a-f]{64}$")
+
+
 def pod_snippet(
-    manifest: Manifest, *, image: str | None = None, secret: str | None = None
+    manifest: Manifest,
+    *,
+    image: str | None = None,
+    secret: str | None = None,
+    delivery: str = "blob",
 ) -> PodSnippet:
+    if delivery not in DELIVERIES:
+        raise BadInputError(f"--delivery {delivery!r}: choose one of {', '.join(DELIVERIES)}")
     if secret is not None and not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", secret):
         raise BadInputError(f"--secret {secret!r} is not a Kubernetes Secret name")
+    if delivery != "blob":
+        if image is None or not _DIGEST_REFERENCE.match(image):
+            raise BadInputError(
+                f"--delivery {delivery} names the image by digest (REGISTRY/REPOSITORY@sha256:...),"
+                f" got {image!r}: publish to a registry store (oci://...) first"
+            )
+        if secret is not None:
+            raise BadInputError(
+                f"--delivery {delivery} needs no SAS: the kubelet pulls the image with the"
+                " node's identity; drop --secret"
+            )
     return PodSnippet(
         install_dir=manifest.install_dir,
         image=image or default_image(manifest),
         size_limit=size_limit(manifest),
         manifest=manifest,
         secret=secret,
+        delivery=delivery,
     )
 
 
 def snippet_pod_spec(snippet: PodSnippet, container: str = "ray-worker") -> dict[str, Any]:
     """The snippet as a partial pod spec (what --k8s-out writes and the CRD check validates)."""
-    return {
-        "initContainers": [snippet.init_container()],
-        "containers": [
-            {"name": container, "volumeMounts": [snippet.mount()], "env": snippet.env()}
-        ],
-        "volumes": snippet.volumes(),
-    }
+    init = snippet.init_container()
+    spec: dict[str, Any] = {"initContainers": [init]} if init is not None else {}
+    spec["containers"] = [
+        {"name": container, "volumeMounts": [snippet.mount()], "env": snippet.env()}
+    ]
+    spec["volumes"] = snippet.volumes()
+    return spec
 
 
 def render_snippet(snippet: PodSnippet) -> str:
@@ -179,13 +238,30 @@ def render_snippet(snippet: PodSnippet) -> str:
     spec = snippet_pod_spec(snippet)
     validate_snippet(snippet)
     manifest = snippet.manifest
+    # The blob mode's header is the one published before delivery modes existed: its output
+    # stays byte-identical (tests/golden).
+    what = "initContainer" if snippet.delivery == "blob" else f"{snippet.delivery} delivery"
     head = [
-        f"# gpubuild initContainer for profile {manifest.profile}, digest {manifest.digest}.",
+        f"# gpubuild {what} for profile {manifest.profile}, digest {manifest.digest}.",
         "# Merge into your GPU worker group's template.spec (or let `gpubuild k8s patch` do it):",
-        "# the initContainer, the volume, and the ray container's volumeMounts and env.",
-        f"# The image {snippet.image} is Dockerfile.init built around the script",
-        "# `gpubuild init-script` wrote for this digest.",
     ]
+    if snippet.delivery == "image-volume":
+        head += [
+            "# the image volume, and the ray container's read-only volumeMount and env. Needs",
+            "# Kubernetes with image volumes (on by default from 1.35) and a runtime with them.",
+        ]
+    elif snippet.delivery == "init-copy":
+        head += [
+            "# the initContainer, the volume, and the ray container's volumeMounts and env.",
+            f"# The image {snippet.image} is the heavy set with a copier; the kubelet pulls it",
+            "# with the node's identity and keeps it in the node's image cache.",
+        ]
+    else:
+        head += [
+            "# the initContainer, the volume, and the ray container's volumeMounts and env.",
+            f"# The image {snippet.image} is Dockerfile.init built around the script",
+            "# `gpubuild init-script` wrote for this digest.",
+        ]
     if snippet.secret:
         head.append(
             f"# The SAS comes from Secret {snippet.secret}, key {SAS_KEY!r}: kubectl create secret "

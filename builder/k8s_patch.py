@@ -34,6 +34,7 @@ from builder.yamltext import (
     TextEditor,
     load_documents,
     plain,
+    remove_plain,
     unified_diff,
     upsert_plain,
 )
@@ -193,10 +194,20 @@ class _Plan:
     mounts: list[tuple[dict[str, Any], Any]]
     env: list[tuple[dict[str, Any], Any]]
     quote_env: bool
+    drop_init: Any = None  # a matcher of initContainers to remove (image-volume needs none)
 
     def applyplain(self, pod: dict[str, Any]) -> dict[str, Any]:
         pod = copy.deepcopy(pod)
-        pod["initContainers"] = upsert_plain(pod.get("initContainers") or [], self.init, front=True)
+        if self.drop_init is not None:
+            kept = remove_plain(pod.get("initContainers") or [], self.drop_init)
+            if kept:
+                pod["initContainers"] = kept
+            else:
+                pod.pop("initContainers", None)
+        else:
+            pod["initContainers"] = upsert_plain(
+                pod.get("initContainers") or [], self.init, front=True
+            )
         pod["volumes"] = upsert_plain(pod.get("volumes") or [], self.volumes)
         main = pod["containers"][0]
         if self.mounts:
@@ -205,7 +216,12 @@ class _Plan:
         return pod
 
     def apply_text(self, editor: TextEditor, pod: Any) -> None:
-        editor.upsert_items(pod, "initContainers", self.init, before_key="containers", front=True)
+        if self.drop_init is not None:
+            editor.remove_items(pod, "initContainers", self.drop_init)
+        else:
+            editor.upsert_items(
+                pod, "initContainers", self.init, before_key="containers", front=True
+            )
         editor.upsert_items(pod, "volumes", self.volumes)
         main = pod["containers"][0]
         if self.mounts:
@@ -266,6 +282,10 @@ def parse_quantity(text: str) -> float:
         return 0.0
 
 
+def _replaceable_init(container: Mapping[str, Any]) -> bool:
+    return container.get("name") in REPLACEABLE_INIT_NAMES
+
+
 def patch_text(
     text: str, group: str, snippet: PodSnippet, where: str = "input"
 ) -> tuple[str, tuple[str, ...]]:
@@ -322,17 +342,23 @@ def patch_text(
         isinstance(m, Mapping) and _field(m, "mountPath") == snippet.install_dir
         for m in main.get("volumeMounts") or []
     )
+    mounts = [] if has_mount else [(snippet.mount(volume), lambda m: False)]
+    if snippet.delivery == "image-volume":
+        # The mount must say readOnly (an image volume is); the replaced initContainer goes.
+        mounts = [(snippet.mount(volume), lambda m: m.get("mountPath") == snippet.install_dir)]
     # Files that quote every env value get ours quoted too.
     values = [e["value"] for e in main.get("env") or [] if isinstance(e, Mapping) and "value" in e]
+    replaceable = _replaceable_init
     plan = _Plan(
-        init=[(init, lambda c: c.get("name") in REPLACEABLE_INIT_NAMES)],
+        init=[(init, replaceable)] if init is not None else [],
         volumes=[(v, lambda e, n=v["name"]: e.get("name") == n) for v in final_volumes],
-        mounts=[] if has_mount else [(snippet.mount(volume), lambda m: False)],
+        mounts=mounts,
         env=[
             (item, lambda e, n=item["name"]: e.get("name") == n)
             for item in snippet.env(_env_values(main))
         ],
         quote_env=bool(values) and all(isinstance(v, QUOTED) for v in values),
+        drop_init=replaceable if init is None else None,
     )
     editor = TextEditor(text, [main, pod, *pod["containers"]])
     plan.apply_text(editor, pod)

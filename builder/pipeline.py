@@ -1,9 +1,10 @@
 """The pipeline, stage after stage: profile -> lock -> pack -> store, and the worker image.
 
 Each stage receives what the one before produced and never runs it again; this module is the
-only place that chains them, and what the CLI calls (docs/design.md#the-pipeline):
+only place that chains them, and what the CLI calls (docs/design.md#the-pipeline). The first
+stage, `ensure_lock` (the profile's lock, resolved only when it is not current), lives in
+builder/resolve.py so that `gpubuild resolve` imports neither pack nor the stores:
 
-    ensure_lock      the profile's lock, resolved only when it is not current
     pack_profile     ensure_lock, then pack (materialise, fix, shard)
     publish_profile  ensure_lock, then (unless published) pack and publish
     find_published   the current lock's manifest in a store, for pod-side output
@@ -14,103 +15,21 @@ is builder/worker.py, which builds on this one.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from builder.backends import BACKENDS, Job
-from builder.errors import BadInputError, GpubuildError, IntegrityError
-from builder.files import write_atomically
+from builder.errors import IntegrityError
 from builder.indexes import IndexSettings
-from builder.lock import Lock, parse_lock, read_lock, render_lock
 from builder.manifest import Manifest, blob_key
 from builder.pack import DEFAULT_SHARD_THRESHOLD, PackResult, default_store_dir, pack
 from builder.profile import Profile
 from builder.progress import Progress, silent
 from builder.publish import PublishResult, already_published, damaged_shards, publish
-from builder.resolve import ResolveResult, default_lock_path, inputs_digest, resolve
+from builder.resolve import current_lock, ensure_lock
 from builder.stores import FileStore, open_store
 
 _NO_SETTINGS = IndexSettings()
-
-
-# --- the lock -----------------------------------------------------------------------------
-
-
-def _existing_lock(path: Path) -> Lock | None:
-    """The lock at `path`, or None when there is none or it cannot be read (resolve again)."""
-    if not path.is_file():
-        return None
-    with contextlib.suppress(GpubuildError, OSError):
-        return read_lock(path)
-    return None
-
-
-def heavy_job(profile: Profile, lock_path: Path, backend: str | None = None) -> Job:
-    """The profile's [heavy] set. `backend` None keeps the backend of an existing lock (uv for
-    a new one), so that pack or publish-cache never re-resolve a pip-tools lock with uv."""
-    if backend is None:
-        existing = _existing_lock(lock_path)
-        label = existing.backend if existing else "uv"
-        backend = "pip-tools" if label.startswith("pip-tools") else "uv"
-    if backend not in BACKENDS:
-        raise BadInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    return Job(backend=backend)
-
-
-def ensure_lock(
-    profile: Profile,
-    *,
-    settings: IndexSettings = _NO_SETTINGS,
-    lock_path: Path | None = None,
-    job: Job | None = None,
-    backend: str | None = None,
-) -> ResolveResult:
-    """The lock at `lock_path` (default `<profile>.lock`) for `job` (default the heavy set):
-    reused when it is current (rule 7: nothing changed, nothing rewritten, no resolver run),
-    resolved and written atomically otherwise."""
-    path = lock_path or default_lock_path(profile)
-    job = job or heavy_job(profile, path, backend)
-    existing = _existing_lock(path)
-    if existing is not None and not existing.staleness(
-        profile, inputs_digest(profile, job, settings)
-    ):
-        return ResolveResult(existing, path, rewritten=False)
-    lock = resolve(profile, job, settings)
-    text = render_lock(
-        lock,
-        profile.target.install_dir,
-        set_name=job.set_name,
-        provided_by_other_set=frozenset(job.provided),
-    )
-    rewritten = not (path.is_file() and path.read_text(encoding="utf-8") == text)
-    if rewritten:
-        write_atomically(path, text)
-    return ResolveResult(lock, path, rewritten)
-
-
-def current_lock(profile: Profile, lock_path: Path | None = None) -> tuple[Lock, Path, str]:
-    """The profile's lock as it is on disk, for output that goes to a pod (which must match
-    what was published): an error that says what to run when it is missing or stale.
-    Returns the lock, its path and its text."""
-    path = lock_path or default_lock_path(profile)
-    if not path.is_file():
-        raise BadInputError(
-            f"{path}: no lock yet; run `gpubuild publish-cache {profile.path}` (or resolve) first"
-        )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: cannot read lock: {exc}") from None
-    lock = parse_lock(text, path)
-    reasons = lock.staleness(profile)
-    if reasons:
-        raise BadInputError(
-            f"{path} is stale: {'; '.join(reasons)}; run `gpubuild publish-cache"
-            f" {profile.path}` again (it resolves, packs and publishes the new set)"
-        )
-    return lock, path, text
 
 
 # --- pack and publish ---------------------------------------------------------------------
@@ -219,6 +138,7 @@ class Published:
     lock_path: Path
     store_base_url: str
     store_display_url: str
+    references: dict[str, str] = field(default_factory=dict)  # a registry's images by digest
 
 
 def find_published(profile: Profile, store_url: str, lock_path: Path | None = None) -> Published:
@@ -226,4 +146,5 @@ def find_published(profile: Profile, store_url: str, lock_path: Path | None = No
     lock, path, text = current_lock(profile, lock_path)
     store = open_store(store_url)
     manifest = store.manifest(profile.name, lock.digest())
-    return Published(manifest, text, path, store.base_url, store.display_url)
+    references = store.references(profile.name, manifest.digest)
+    return Published(manifest, text, path, store.base_url, store.display_url, references)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.manifest import Manifest, Shard, blob_key, manifest_to_bytes
@@ -37,10 +37,14 @@ class PublishResult:
     packed_in: Path | None
     manifest: Manifest
     repaired: tuple[Shard, ...] = ()  # blobs whose damaged copies --repair replaced
+    references: dict[str, str] = field(default_factory=dict)  # a registry's images by digest
 
     @property
     def fetch_url(self) -> str:
-        """What `gpubuild fetch` takes: STORE/PROFILE/DIGEST."""
+        """What `gpubuild fetch` takes: STORE/PROFILE/DIGEST, or a registry's image by digest."""
+        image = self.references.get("image")
+        if image is not None:
+            return f"{self.store}@{image.split('@', 1)[1]}"
         return f"{self.store.rstrip('/')}/{self.profile}/{self.digest}"
 
 
@@ -166,6 +170,7 @@ def _result(
         packed_in=packed_in,
         manifest=manifest,
         repaired=repaired,
+        references=store.references(manifest.profile, manifest.digest),
     )
 
 
@@ -183,5 +188,6 @@ def publish_document(result: PublishResult) -> dict[str, object]:
         "shards_uploaded": result.shards_uploaded,
         "already_published": result.already_published,
         "repaired": [shard.sha256 for shard in result.repaired],
+        "references": result.references,
         "env": result.manifest.env,
     }

@@ -1,12 +1,14 @@
 """Resolution: a conflict-free set for the target, against the base image (docs/design.md,
 #resolution-rules). `resolve(profile, job, settings)` is the only resolution: it runs a backend
 (backends.py) and splits what it resolved into what is shipped, what the base image provides
-and what the policy excludes (`partition`, pure). It reads and writes no lock file: deciding
-whether a lock is current (`Lock.staleness`) and writing it is the pipeline's job.
+and what the policy excludes (`partition`, pure). `ensure_lock` is the lock file's
+side: it reuses a current lock (`Lock.staleness`) and resolves and writes one otherwise;
+`current_lock` reads the lock that pod-side output must match.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass, replace
@@ -15,15 +17,37 @@ from pathlib import Path
 from packaging.version import Version
 
 import builder
-from builder.backends import PROJECT_NAME, Job, compile_requirements
+from builder.backends import BACKENDS, PROJECT_NAME, Job, compile_requirements
 from builder.base import BaseSnapshot
-from builder.errors import PolicyViolationError, ResolutionError
+from builder.errors import BadInputError, GpubuildError, PolicyViolationError, ResolutionError
+from builder.files import write_atomically
 from builder.indexes import IndexSettings, effective_indexes
-from builder.lock import Excluded, Lock, LockedPackage, Pinned, Shadowed, parse_compiled
+from builder.lock import (
+    Excluded,
+    Lock,
+    LockedPackage,
+    Pinned,
+    Shadowed,
+    parse_compiled,
+    parse_lock,
+    read_lock,
+    render_lock,
+)
 from builder.profile import Index, Profile
 from builder.secrets import redact_url
 
-__all__ = ["Job", "ResolveResult", "inputs_digest", "partition", "resolve"]
+__all__ = [
+    "Job",
+    "ResolveResult",
+    "current_lock",
+    "ensure_lock",
+    "heavy_job",
+    "inputs_digest",
+    "partition",
+    "resolve",
+]
+
+_NO_SETTINGS = IndexSettings()
 
 
 @dataclass(frozen=True)
@@ -192,3 +216,81 @@ def report_text(result: ResolveResult) -> str:
     state = "written" if result.rewritten else "unchanged"
     lines.append(f"lock {state}: {result.lock_path} (digest {lock.digest()[:16]})")
     return "\n".join(lines)
+
+
+# --- the lock file: read when current, resolved and written when not -----------------------
+
+
+def _existing_lock(path: Path) -> Lock | None:
+    """The lock at `path`, or None when there is none or it cannot be read (resolve again)."""
+    if not path.is_file():
+        return None
+    with contextlib.suppress(GpubuildError, OSError):
+        return read_lock(path)
+    return None
+
+
+def heavy_job(profile: Profile, lock_path: Path, backend: str | None = None) -> Job:
+    """The profile's [heavy] set. `backend` None keeps the backend of an existing lock (uv for
+    a new one), so that pack or publish-cache never re-resolve a pip-tools lock with uv."""
+    if backend is None:
+        existing = _existing_lock(lock_path)
+        label = existing.backend if existing else "uv"
+        backend = "pip-tools" if label.startswith("pip-tools") else "uv"
+    if backend not in BACKENDS:
+        raise BadInputError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    return Job(backend=backend)
+
+
+def ensure_lock(
+    profile: Profile,
+    *,
+    settings: IndexSettings = _NO_SETTINGS,
+    lock_path: Path | None = None,
+    job: Job | None = None,
+    backend: str | None = None,
+) -> ResolveResult:
+    """The lock at `lock_path` (default `<profile>.lock`) for `job` (default the heavy set):
+    reused when it is current (rule 7: nothing changed, nothing rewritten, no resolver run),
+    resolved and written atomically otherwise."""
+    path = lock_path or default_lock_path(profile)
+    job = job or heavy_job(profile, path, backend)
+    existing = _existing_lock(path)
+    if existing is not None and not existing.staleness(
+        profile, inputs_digest(profile, job, settings)
+    ):
+        return ResolveResult(existing, path, rewritten=False)
+    lock = resolve(profile, job, settings)
+    text = render_lock(
+        lock,
+        profile.target.install_dir,
+        set_name=job.set_name,
+        provided_by_other_set=frozenset(job.provided),
+    )
+    rewritten = not (path.is_file() and path.read_text(encoding="utf-8") == text)
+    if rewritten:
+        write_atomically(path, text)
+    return ResolveResult(lock, path, rewritten)
+
+
+def current_lock(profile: Profile, lock_path: Path | None = None) -> tuple[Lock, Path, str]:
+    """The profile's lock as it is on disk, for output that goes to a pod (which must match
+    what was published): an error that says what to run when it is missing or stale.
+    Returns the lock, its path and its text."""
+    path = lock_path or default_lock_path(profile)
+    if not path.is_file():
+        raise BadInputError(
+            f"{path}: no lock yet; run `gpubuild publish-cache {profile.path}` (or resolve) first"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path}: cannot read lock: {exc}") from None
+    lock = parse_lock(text, path)
+    reasons = lock.staleness(profile)
+    if reasons:
+        raise BadInputError(
+            f"{path} is stale: {'; '.join(reasons)}; run `gpubuild publish-cache"
+            f" {profile.path}` again (it resolves, packs and publishes the new set)"
+        )
+    return lock, path, text

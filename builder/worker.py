@@ -1,7 +1,7 @@
 """The worker image's side of the pipeline: the heavy lock, the light lock resolved on top of
 it (checked and measured), the Dockerfile with its disk budget, and `split`.
 
-It builds on builder/pipeline.py (ensure_lock) and is what `gpubuild dockerfile`, `build-image`
+It builds on builder/resolve.py (ensure_lock) and is what `gpubuild dockerfile`, `build-image`
 and `split` call.
 """
 
@@ -38,10 +38,9 @@ from builder.light import (
     read_requirements,
 )
 from builder.pack import default_store_dir, reusable_manifest
-from builder.pipeline import ensure_lock
 from builder.profile import Profile
 from builder.progress import Progress, silent
-from builder.resolve import resolve
+from builder.resolve import ensure_lock, resolve
 
 _NO_SETTINGS = IndexSettings()
 

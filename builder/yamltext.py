@@ -336,6 +336,29 @@ class TextEditor:
             _, line, dash = _item_span(self.lines, seq, len(seq) - 1)
         self._add(line, line, emit_sequence(added, dash, style))
 
+    def remove_items(self, mapping: Any, key: str, matches: Any) -> None:
+        """Remove the items of the list `mapping[key]` that `matches` accepts (the key itself
+        when none is left)."""
+        seq = mapping.get(key)
+        if key not in mapping or not seq:
+            return
+        doomed = [
+            index
+            for index, existing in enumerate(seq)
+            if isinstance(existing, Mapping) and matches(plain(existing))
+        ]
+        if not doomed:
+            return
+        flow = mapping.lc.value(key)[0] == mapping.lc.key(key)[0]
+        if len(doomed) == len(seq) or flow:
+            start, end, col = _key_span(self.lines, mapping, key)
+            kept = [item for index, item in enumerate(plain(seq)) if index not in doomed]
+            self._add(start, end, emit_mapping({key: kept}, col, self.style) if kept else [])
+            return
+        for index in doomed:
+            start, end, _ = _item_span(self.lines, seq, index)
+            self._add(start, end, [])
+
     def apply(self) -> str:
         """The text with every collected edit made."""
         return self.newline.join(apply_edits(self.lines, self.edits))
@@ -382,6 +405,11 @@ def upsert_plain(
         else:
             added.append(item)
     return [*added, *items] if front else [*items, *added]
+
+
+def remove_plain(items: list[Any], matches: Any) -> list[Any]:
+    """The plain-data twin of `TextEditor.remove_items`."""
+    return [item for item in items if not (isinstance(item, dict) and matches(item))]
 
 
 def unified_diff(old: str, new: str, path: str) -> str:

@@ -12,7 +12,7 @@ import pluggy
 import pytest
 
 from tests.support import services
-from tests.support.index import serve_directory, write_simple_index
+from tests.support.index import serve_index
 
 # Fixtures that need a service, and the marker a test using them gets, so that
 # `-m "not docker"` deselects them without each test repeating the marker.
@@ -92,9 +92,6 @@ def local_index(
     """``local_index(dists) -> index URL`` serving a fresh folder per call."""
 
     def make(dists: Iterable[Path]) -> str:
-        root = tmp_path_factory.mktemp("index")
-        write_simple_index(dists, root)
-        base = _index_servers.enter_context(serve_directory(root))
-        return f"{base}/simple"
+        return _index_servers.enter_context(serve_index(dists, tmp_path_factory.mktemp("index")))
 
     return make

@@ -21,7 +21,7 @@ from builder.dockerfile import CodeCopy, DockerfileSpec, render_dockerfile
 from builder.light import LightPackage, gpu_reason, split_findings
 from builder.lock import read_lock
 from tests.helpers import REPO, run_cli
-from tests.support.index import serve_directory, write_simple_index
+from tests.support.index import serve_index
 from tests.support.wheels import build_wheel
 
 GOLDEN = REPO / "tests" / "golden"
@@ -103,9 +103,8 @@ def write_worker_profile(
 def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     wheels = worker_wheels(tmp_path_factory.mktemp("worker-dists"))
     root = tmp_path_factory.mktemp("worker-index")
-    write_simple_index(wheels, root)
-    with serve_directory(root) as url:
-        yield f"{url}/simple"
+    with serve_index(wheels, root) as url:
+        yield url
 
 
 def _env(tmp_path: Path) -> dict[str, str]:

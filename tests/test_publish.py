@@ -21,13 +21,14 @@ from builder.fetch import fetch
 from builder.indexes import IndexSettings
 from builder.install import materialise
 from builder.manifest import blob_key
-from builder.pipeline import ensure_lock, publish_profile
+from builder.pipeline import publish_profile
 from builder.profile import load_profile
+from builder.resolve import ensure_lock
 from builder.stores import AzureStore, open_store
 from builder.stores.sas import make_read_sas
 from builder.tree import fix_tree
 from tests.helpers import run_cli, write_profile
-from tests.support.index import serve_directory, write_simple_index
+from tests.support.index import serve_index
 from tests.support.services import AzuriteEndpoint
 from tests.support.wheels import build_wheel
 
@@ -61,11 +62,8 @@ def index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         build_wheel(dists, "click", "8.1.7"),
     ]
     root = tmp_path_factory.mktemp("publish-index")
-    # A unique path: uv caches by URL, and a later server may reuse this port.
-    prefix = uuid.uuid4().hex[:8]
-    write_simple_index(wheels, root / prefix)
-    with serve_directory(root) as url:
-        yield f"{url}/{prefix}/simple"
+    with serve_index(wheels, root) as url:
+        yield url
 
 
 @pytest.fixture(autouse=True)
@@ -441,8 +439,9 @@ def test_publish_resolves_once_and_a_rerun_not_at_all(
     tmp_path: Path, index: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The stages run in order, each once: a spy on the one resolution counts its runs."""
-    import builder.pipeline
-    from builder.resolve import resolve as real
+    import builder.resolve
+
+    real = builder.resolve.resolve
 
     calls: list[str] = []
 
@@ -450,7 +449,7 @@ def test_publish_resolves_once_and_a_rerun_not_at_all(
         calls.append("resolve")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(builder.pipeline, "resolve", counting)
+    monkeypatch.setattr(builder.resolve, "resolve", counting)
     profile = _profile(tmp_path, "prof-b", ["model-b==2.0"])
     store = tmp_path / "store"
     first = _publish(profile, store.as_uri(), index, tmp_path)

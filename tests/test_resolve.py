@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,10 +15,10 @@ from builder.base import read_snapshot
 from builder.errors import BackendUnavailableError, PolicyViolationError, ResolutionError
 from builder.indexes import IndexSettings
 from builder.lock import read_lock
-from builder.pipeline import ensure_lock
 from builder.profile import load_profile
+from builder.resolve import ensure_lock
 from tests.helpers import REPO, run_cli, write_profile
-from tests.support.index import serve_directory, write_simple_index
+from tests.support.index import serve_index
 from tests.support.wheels import build_sdist, build_wheel
 
 PLATFORM_TAG = "cp310-cp310-manylinux_2_28_x86_64"
@@ -51,11 +50,8 @@ def main_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         build_wheel(dists, "uses-torchlike", "1.0", requires=["torchlike"]),
     ]
     root = tmp_path_factory.mktemp("main-index")
-    # A unique path: uv caches by URL, and a later server may reuse this port.
-    prefix = uuid.uuid4().hex[:8]
-    write_simple_index(wheels, root / prefix)
-    with serve_directory(root) as url:
-        yield f"{url}/{prefix}/simple"
+    with serve_index(wheels, root) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +59,8 @@ def second_index(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     dists = tmp_path_factory.mktemp("second-dists")
     wheels = [build_wheel(dists, "torchlike", "2.3.1", requires=["numpy"], tag=PLATFORM_TAG)]
     root = tmp_path_factory.mktemp("second-index")
-    # A unique path: uv caches by URL, and a later server may reuse this port.
-    prefix = uuid.uuid4().hex[:8]
-    write_simple_index(wheels, root / prefix)
-    with serve_directory(root) as url:
-        yield f"{url}/{prefix}/simple"
+    with serve_index(wheels, root) as url:
+        yield url
 
 
 def _resolve(tmp_path: Path, index: str, **profile: object):

@@ -83,7 +83,7 @@ def emit_json(document: object) -> None:
 # Each command's module is imported when the command runs (or --help lists them), so that a
 # quick command such as a no-op `resolve` does not pay for importing every stage.
 _COMMANDS = {
-    "resolve": "store_commands:resolve",
+    "resolve": "resolve_command:resolve",
     "pack": "store_commands:pack_command",
     "publish-cache": "store_commands:publish_cache_command",
     "fetch": "store_commands:fetch_command",

@@ -9,7 +9,7 @@ import click
 from builder.cli.base import GpubuildGroup, emit_json, json_option, lock_option, report
 from builder.errors import BadInputError
 from builder.initscript import render_init_script, write_script
-from builder.k8s import pod_snippet, render_snippet
+from builder.k8s import DELIVERIES, PodSnippet, pod_snippet, render_snippet
 from builder.k8s_patch import patch_ray_service
 from builder.pipeline import Published, find_published
 from builder.profile import load_profile
@@ -38,6 +38,39 @@ def _published(
     return find_published(load_profile(profile), store_url, lock_path)
 
 
+_DELIVERY_HELP = (
+    "How pods get the set: blob (the init script downloads the shards; any store), init-copy "
+    "(an initContainer from the registry's init-copy image copies them; oci:// stores), or "
+    "image-volume (the registry's image mounted read-only; Kubernetes with image volumes)."
+)
+
+
+def _snippet(found: Published, delivery: str, image: str | None, secret: str | None) -> PodSnippet:
+    """The pod snippet for one delivery: a registry's images come from the store, by digest."""
+    is_registry = found.store_display_url.startswith("oci")
+    if delivery == "blob":
+        if is_registry:
+            raise BadInputError(
+                f"{found.store_display_url} is a registry: pods get it with --delivery"
+                " image-volume or init-copy (the init script reads blob stores)"
+            )
+        return pod_snippet(found.manifest, image=image, secret=secret)
+    if not is_registry:
+        raise BadInputError(
+            f"--delivery {delivery} needs the set published to a registry store"
+            f" (oci://REGISTRY/REPOSITORY), not {found.store_display_url}"
+        )
+    wanted = "image" if delivery == "image-volume" else "init-copy image"
+    reference = image or found.references.get(wanted)
+    if reference is None:
+        raise BadInputError(
+            f"{found.store_display_url} has no {wanted} for {found.manifest.profile}"
+            f" {found.manifest.digest[:12]}: publish again where a static busybox is installed"
+            " (Debian's busybox-static, or GPUBUILD_BUSYBOX)"
+        )
+    return pod_snippet(found.manifest, image=reference, secret=secret, delivery=delivery)
+
+
 @click.command("init-script")
 @click.argument("profile", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--store", "store_url", metavar="URL", help=_STORE_HELP)
@@ -62,6 +95,13 @@ def _published(
 )
 @click.option("--image", metavar="IMAGE", help="The init image, for the snippet.")
 @click.option("--secret", metavar="NAME", help="A Secret whose key 'sas' holds the SAS.")
+@click.option(
+    "--delivery",
+    type=click.Choice(DELIVERIES),
+    default="blob",
+    show_default=True,
+    help=_DELIVERY_HELP,
+)
 @json_option
 def init_script_command(
     profile: Path,
@@ -72,6 +112,7 @@ def init_script_command(
     fallback: str | None,
     image: str | None,
     secret: str | None,
+    delivery: str,
     as_json: bool,
 ) -> None:
     """Write the initContainer script for PROFILE's published digest (and its k8s snippet).
@@ -90,16 +131,23 @@ def init_script_command(
     """
     found = _published("init-script", profile, store_url, lock_path)
     manifest = found.manifest
-    text = render_init_script(
-        manifest, found.store_base_url, fallback_lock=found.lock_text if fallback else None
-    )
-    snippet = render_snippet(pod_snippet(manifest, image=image, secret=secret)) if k8s_out else ""
-    write_script(output, text)
+    pod = _snippet(found, delivery, image, secret)
+    snippet = render_snippet(pod) if k8s_out else ""
+    if delivery != "blob" and k8s_out is None:
+        raise BadInputError(
+            f"--delivery {delivery} needs no script, only the pod snippet: give --k8s-out FILE"
+            " (or use `gpubuild k8s patch --delivery ...`)"
+        )
     shards = len(manifest.shards)
-    report(
-        f"{manifest.profile} {manifest.digest[:12]}: {plural(shards, 'shard')}, "
-        f"{megabytes(manifest.total_bytes)} from {found.store_display_url} -> {output}"
-    )
+    if delivery == "blob":
+        text = render_init_script(
+            manifest, found.store_base_url, fallback_lock=found.lock_text if fallback else None
+        )
+        write_script(output, text)
+        report(
+            f"{manifest.profile} {manifest.digest[:12]}: {plural(shards, 'shard')}, "
+            f"{megabytes(manifest.total_bytes)} from {found.store_display_url} -> {output}"
+        )
     if k8s_out:
         write_script(k8s_out, snippet, mode=0o644)
         report(f"Kubernetes snippet -> {k8s_out}")
@@ -109,7 +157,9 @@ def init_script_command(
                 "profile": manifest.profile,
                 "digest": manifest.digest,
                 "store": found.store_display_url,
-                "script": str(output),
+                "script": str(output) if delivery == "blob" else None,
+                "delivery": delivery,
+                "image": pod.image,
                 "snippet": str(k8s_out) if k8s_out else None,
                 "shards": shards,
                 "bytes": manifest.total_bytes,
@@ -137,6 +187,13 @@ def k8s_group() -> None:
 @lock_option
 @click.option("--image", metavar="IMAGE", help="The init image (default gpubuild-init:<tag>).")
 @click.option("--secret", metavar="NAME", help="A Secret whose key 'sas' holds the SAS.")
+@click.option(
+    "--delivery",
+    type=click.Choice(DELIVERIES),
+    default="blob",
+    show_default=True,
+    help=_DELIVERY_HELP,
+)
 @click.option("--dry-run", is_flag=True, help="Print the diff; leave the file as it is.")
 @json_option
 def k8s_patch_command(
@@ -147,6 +204,7 @@ def k8s_patch_command(
     lock_path: Path | None,
     image: str | None,
     secret: str | None,
+    delivery: str,
     dry_run: bool,
     as_json: bool,
 ) -> None:
@@ -165,7 +223,7 @@ def k8s_patch_command(
           --image myacr.azurecr.io/data-ai/gpubuild-init:onnx-gpu --secret gpubuild-sas
     """
     found = _published("k8s patch", profile, store_url, lock_path)
-    snippet = pod_snippet(found.manifest, image=image, secret=secret)
+    snippet = _snippet(found, delivery, image, secret)
     result = patch_ray_service(ray_service, group, snippet, write=not dry_run)
     for warning in result.warnings:
         report(f"warning: {warning}")

@@ -1,4 +1,5 @@
-"""Commands of the main pipeline: resolve, pack, publish-cache, fetch and sas."""
+"""Commands of the main pipeline after resolution: pack, publish-cache, fetch and sas
+(`resolve` is resolve_command.py, which imports neither pack nor the stores)."""
 
 from __future__ import annotations
 
@@ -19,62 +20,12 @@ from builder.fetch import fetch, fetch_document
 from builder.files import write_secret_file
 from builder.indexes import IndexSettings
 from builder.pack import default_store_dir, manifest_document
-from builder.pipeline import ensure_lock, pack_profile, publish_profile
+from builder.pipeline import pack_profile, publish_profile
 from builder.profile import load_profile
 from builder.publish import publish_document
-from builder.resolve import report_document, report_text
 from builder.stores import default_store_url, open_store
 from builder.stores.sas import describe_read_sas, make_read_sas, sas_expiry_for, sas_lifetime
 from builder.units import megabytes, plural
-
-
-@click.command("resolve")
-@profile_argument
-@click.option(
-    "-o",
-    "--output",
-    "lock_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Where to write the lock (default: <profile>.lock beside the profile).",
-)
-@json_option
-@click.option(
-    "--backend",
-    type=click.Choice(["uv", "pip-tools"]),
-    default="uv",
-    show_default=True,
-    help="Resolver. pip-tools works only when the target python and platform are the host's.",
-)
-@index_options
-def resolve(
-    profile: Path,
-    lock_path: Path | None,
-    as_json: bool,
-    backend: str,
-    settings: IndexSettings,
-) -> None:
-    """Resolve PROFILE's heavy set for its target against its base image and write the lock.
-
-    \b
-    Rules (docs/design.md#resolution-rules): base packages are pinned to their base
-    versions; [policy] constraints apply on top; [policy] exclude names are never
-    shipped; wheels only; a package listed under an [[index]] comes from that index
-    only. Packages the base already has at the same version are not shipped. Nothing
-    changed since the last run: the lock is left untouched.
-
-    \b
-    Example:
-      gpubuild resolve profiles/onnx-gpu.toml
-      gpubuild resolve profiles/torch-cu121.toml --index pytorch-cu121=default --json
-    """
-    loaded = load_profile(profile)
-    report(
-        f"resolving {loaded.name} for python {loaded.target.python} on {loaded.target.platform} ..."
-    )
-    result = ensure_lock(loaded, settings=settings, lock_path=lock_path, backend=backend)
-    report(report_text(result))
-    if as_json:
-        emit_json(report_document(result))
 
 
 @click.command("pack")
@@ -191,7 +142,8 @@ def publish_cache_command(
     report(
         f"{result.profile} {result.digest}: {summary}\n"
         f"  store:    {result.store}\n  manifest: {result.manifest_url}\n"
-        f"  fetch:    gpubuild fetch {result.fetch_url} --into DIR\n"
+        + "".join(f"  {label + ':':<9} {ref}\n" for label, ref in result.references.items())
+        + f"  fetch:    gpubuild fetch {result.fetch_url} --into DIR\n"
         f"  size:     {megabytes(result.bytes_total)} in"
         f" {plural(len(result.manifest.shards), 'shard')}"
     )

@@ -6,7 +6,6 @@ Every message made from an SDK error is scrubbed (builder.secrets) and says what
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import threading
 from collections.abc import Callable, Iterator
@@ -15,10 +14,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
-from builder.errors import BadInputError, IntegrityError, StoreError
+from builder.errors import BadInputError, StoreError
 from builder.manifest import blob_key, manifest_key
 from builder.secrets import scrub
-from builder.stores.base import COPY_CHUNK, ProgressCallback, Store, check_sha256, file_size
+from builder.stores.base import (
+    ProgressCallback,
+    Store,
+    check_local_blob,
+    check_sha256,
+    file_size,
+)
 from builder.stores.credentials import (
     AzureCredentials,
     credential_hint,
@@ -286,16 +291,7 @@ class AzureStore(Store):
         size = file_size(path) if overwrite else self._size_to_put(sha256, path)
         if size is None:
             return False
-        # The parallel block upload reads the file out of order, so hash it first: a local
-        # blob damaged after packing must never reach the store every pod reads.
-        digest = hashlib.sha256()
-        with path.open("rb") as source:
-            while chunk := source.read(COPY_CHUNK):
-                digest.update(chunk)
-        if digest.hexdigest() != sha256:
-            raise IntegrityError(
-                f"{path}: its sha256 is {digest.hexdigest()}, not {sha256}; delete it and pack again"
-            )
+        check_local_blob(path, sha256)
         blob = self._container.get_blob_client(self._name(blob_key(sha256)))
         hook = _ProgressDeltas(on_progress) if on_progress else None
 

@@ -29,6 +29,19 @@ def check_sha256(sha256: str) -> None:
         raise BadInputError(f"{sha256!r} is not a sha256 digest (64 lowercase hex characters)")
 
 
+def check_local_blob(path: Path, sha256: str) -> None:
+    """Hash the local file before it goes up: a blob damaged after packing must never reach
+    the store every pod reads (uploads read it in chunks, some out of order)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        while chunk := source.read(COPY_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != sha256:
+        raise IntegrityError(
+            f"{path}: its sha256 is {digest.hexdigest()}, not {sha256}; delete it and pack again"
+        )
+
+
 class Store:
     """Where shards and manifests live. Subclasses: FileStore, AzureStore."""
 
@@ -119,6 +132,11 @@ class Store:
         finally:
             stream.close()
         return digest.hexdigest(), size
+
+    def references(self, profile: str, digest: str) -> dict[str, str]:
+        """What pods name to get this digest other than the store's URL (a registry's image
+        references by digest), by what each is for; none for a folder or a container."""
+        return {}
 
     def blob_url(self, sha256: str) -> str:
         return f"{self.base_url}/{quote(blob_key(sha256))}"

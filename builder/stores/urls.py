@@ -19,8 +19,16 @@ from builder.secrets import redact_url, register_url
 
 SCHEME_HELP = (
     "file://PATH (or an absolute path), az://ACCOUNT/CONTAINER[/PREFIX], "
-    "https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX][?SAS], "
-    "or http://127.0.0.1:PORT/ACCOUNT/CONTAINER[/PREFIX] (Azurite)"
+    "https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX] (a SAS may follow as its query), "
+    "http://127.0.0.1:PORT/ACCOUNT/CONTAINER[/PREFIX] (Azurite), "
+    "oci://REGISTRY/REPOSITORY or oci+http://HOST:PORT/REPOSITORY (a plain-HTTP registry)"
+)
+# The distribution spec's repository name: lowercase path components.
+REPOSITORY_NAME = re.compile(
+    r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
+)
+_REGISTRY_HOST = re.compile(
+    r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$|^\[[0-9a-fA-F:.]+\](?::[0-9]{1,5})?$"
 )
 _CONTAINER_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 _ACCOUNT_NAME = re.compile(r"^[a-z0-9]{3,24}$")
@@ -51,6 +59,62 @@ class AzureLocation:
         return AzureLocation(
             self.account, self.container, self.prefix, endpoint, self.query, self.display_url
         )
+
+
+@dataclass(frozen=True)
+class OciLocation:
+    """A repository in an OCI registry: `oci://REGISTRY/REPOSITORY` (https) or
+    `oci+http://HOST:PORT/REPOSITORY` (plain HTTP, for a registry on loopback)."""
+
+    registry: str  # host[:port]
+    repository: str
+    scheme: str  # "https" or "http"
+
+    @property
+    def display_url(self) -> str:
+        prefix = "oci" if self.scheme == "https" else "oci+http"
+        return f"{prefix}://{self.registry}/{self.repository}"
+
+    @property
+    def api(self) -> str:
+        return f"{self.scheme}://{self.registry}/v2/{self.repository}"
+
+
+def parse_oci_url(url: str) -> tuple[OciLocation, str | None]:
+    """(location, reference): the reference is a tag or `sha256:...` after `:` or `@`, or None."""
+    shown = redact_url(url)
+    scheme, _, rest = url.partition("://")
+    scheme = scheme.lower()
+    if scheme not in ("oci", "oci+http", "oci+https"):
+        raise BadInputError(f"store URL {shown}: unknown scheme {scheme!r}; expected {SCHEME_HELP}")
+    if "@" in rest.split("/", 1)[0] or "?" in rest or "#" in rest:
+        raise BadInputError(
+            f"store URL {shown}: a registry URL takes no credentials, query or fragment; give"
+            " credentials through `docker login` or GPUBUILD_REGISTRY_USERNAME/_PASSWORD"
+        )
+    registry, slash, path = rest.partition("/")
+    if not slash or not path or not _REGISTRY_HOST.match(registry):
+        raise BadInputError(f"store URL {shown}: expected oci://REGISTRY/REPOSITORY")
+    reference: str | None = None
+    if "@" in path:
+        path, reference = path.split("@", 1)
+        if not re.match(r"^sha256:[0-9a-f]{64}$", reference):
+            raise BadInputError(f"{shown}: {reference!r} is not a sha256:<64 hex> digest")
+    else:
+        last = path.rsplit("/", 1)[-1]
+        if ":" in last:
+            path, reference = path.rsplit(":", 1)
+            if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$", reference):
+                raise BadInputError(f"{shown}: {reference!r} is not a valid tag")
+    path = path.strip("/")
+    if not REPOSITORY_NAME.match(path):
+        raise BadInputError(
+            f"store URL {shown}: {path!r} is not a repository name (lowercase letters, digits,"
+            " and . _ - between them, path components separated by /)"
+        )
+    return OciLocation(
+        registry.lower(), path, "http" if scheme == "oci+http" else "https"
+    ), reference
 
 
 def is_loopback_or_ip(host: str) -> bool:
@@ -86,9 +150,17 @@ def _check_account(account: str, url: str) -> str:
     return account
 
 
-def parse_store_url(url: str) -> FileLocation | AzureLocation:
+def parse_store_url(url: str) -> FileLocation | AzureLocation | OciLocation:
     """Read a store URL without touching the network or the environment."""
     register_url(url)
+    if url.lower().startswith(("oci://", "oci+http://", "oci+https://")):
+        location, reference = parse_oci_url(url)
+        if reference is not None:
+            raise BadInputError(
+                f"store URL {redact_url(url)}: a store is a repository; name no tag or digest"
+                " (fetch takes oci://REGISTRY/REPOSITORY@sha256:...)"
+            )
+        return location
     if "://" not in url:
         if url.startswith(("/", "./", "../", "~")):
             return FileLocation(Path(url).expanduser().resolve())

@@ -14,6 +14,7 @@ import re
 import shutil
 import tarfile
 import threading
+import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -221,3 +222,14 @@ def serve_directory(root: Path) -> Iterator[str]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+@contextmanager
+def serve_index(dists: Iterable[Path], root: Path) -> Iterator[str]:
+    """A simple index of ``dists`` written under ``root`` and served on 127.0.0.1; yields its
+    ``/simple`` URL. The URL's path is unique: uv caches index pages by URL, and a later server
+    may be given this one's port."""
+    prefix = uuid.uuid4().hex[:8]
+    write_simple_index(dists, root / prefix)
+    with serve_directory(root) as url:
+        yield f"{url}/{prefix}/simple"

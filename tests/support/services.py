@@ -452,11 +452,12 @@ def _http_status(url_host: str, port: int, path: str) -> int:
 
 
 @contextlib.contextmanager
-def registry(tmp: Path) -> Iterator[str]:
+def registry(tmp: Path, *, users: dict[str, str] | None = None) -> Iterator[str]:
     """A CNCF distribution registry on loopback; yields ``127.0.0.1:PORT``.
 
     Docker treats 127.0.0.0/8 registries as insecure by default, so pushes
-    need neither TLS nor daemon configuration.
+    need neither TLS nor daemon configuration. `users` (name -> password) turns
+    on htpasswd basic authentication (bcrypt entries made by Debian's htpasswd).
     """
     program = require_program("docker-registry", "Debian package docker-registry")
     port = free_port()
@@ -464,16 +465,26 @@ def registry(tmp: Path) -> Iterator[str]:
     storage.mkdir(parents=True, exist_ok=True)
     config = tmp / "registry.yml"
     log = tmp / "registry.log"
+    auth = ""
+    if users:
+        htpasswd = require_program("htpasswd", "Debian package apache2-utils")
+        passwords = tmp / "htpasswd"
+        passwords.write_text("")
+        for name, password in users.items():
+            subprocess.run(
+                [htpasswd, "-bB", str(passwords), name, password], check=True, capture_output=True
+            )
+        auth = f"auth:\n  htpasswd:\n    realm: gpubuild-test\n    path: {passwords}\n"
     config.write_text(
         "version: 0.1\n"
         "log:\n  level: warn\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {storage}\n  delete:\n    enabled: true\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n"
+        f"http:\n  addr: 127.0.0.1:{port}\n" + auth
     )
     proc = _spawn([program, "serve", str(config)], log)
     try:
         _wait_until(
-            lambda: _http_status("127.0.0.1", port, "/v2/") == 200,
+            lambda: _http_status("127.0.0.1", port, "/v2/") in (200, 401),
             what="docker-registry",
             proc=proc,
             log=log,
@@ -482,6 +493,64 @@ def registry(tmp: Path) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         stop_process(proc)
+
+
+# --------------------------------------------------------------------------
+# containerd (what a node's kubelet uses), beside dockerd with its own files
+
+
+@dataclass(frozen=True)
+class Containerd:
+    socket: Path
+    ctr: str
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """`ctr` against this containerd; raises with its output on failure."""
+        done = subprocess.run(
+            [self.ctr, "-a", str(self.socket), *args], capture_output=True, text=True,
+            timeout=timeout,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise ServiceError(f"ctr {' '.join(args)} failed: {done.stderr[-2000:]}")
+        return done
+
+
+@contextlib.contextmanager
+def containerd() -> Iterator[Containerd]:
+    """A containerd with its own root, state and socket (short path: sockaddr_un's limit),
+    stopped and removed after."""
+    program = require_program("containerd", "Debian package containerd")
+    ctr = require_program("ctr", "Debian package containerd")
+    folder = Path(tempfile.mkdtemp(prefix="gpb-ctd-", dir="/tmp"))
+    socket_path = folder / "c.sock"
+    config = folder / "config.toml"
+    config.write_text(
+        "version = 2\n"
+        f'root = "{folder}/root"\nstate = "{folder}/state"\n'
+        f'[grpc]\n  address = "{socket_path}"\n'
+        '[plugins."io.containerd.grpc.v1.cri"]\n  disable_apparmor = true\n'
+    )
+    log = folder / "containerd.log"
+    proc = _spawn([program, "--config", str(config)], log)
+    try:
+        _wait_until(
+            lambda: (
+                socket_path.exists()
+                and subprocess.run(
+                    [ctr, "-a", str(socket_path), "version"], capture_output=True
+                ).returncode
+                == 0
+            ),
+            what="containerd",
+            proc=proc,
+            log=log,
+            timeout=60,
+        )
+        yield Containerd(socket_path, ctr)
+    finally:
+        stop_process(proc)
+        _unmount_below(folder)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------

@@ -242,3 +242,40 @@ def test_secrets_and_units() -> None:
     assert plural(1, "file") == "1 file" and plural(2183, "file") == "2,183 files"
     assert parse_duration("24h").total_seconds() == 86400
     assert parse_snapshot("# c\nNumPy==1.26.4\n", "s.txt") == {"numpy": "1.26.4"}
+
+
+# --- the heavy set as an OCI image -------------------------------------------------------------
+
+
+def test_the_image_layers_are_the_shards_after_the_folders() -> None:
+    import hashlib
+    import json
+
+    from builder.ociimage import IMAGE_MANIFEST, LAYER_TAR, LAYER_ZSTD, build_image, copier_layer
+
+    heavy = build_image(manifest(), version="0.1.0")
+    document = json.loads(heavy.manifest)
+    assert document["mediaType"] == IMAGE_MANIFEST
+    assert [layer["mediaType"] for layer in document["layers"]] == [LAYER_TAR, LAYER_ZSTD]
+    assert document["layers"][1]["digest"] == "sha256:" + "b" * 64  # the shard itself
+    config = json.loads(heavy.config.data)
+    assert config["rootfs"]["diff_ids"][1] == "sha256:" + "c" * 64  # its tar_sha256
+    assert config["gpubuild"]["digest"] == "d" * 64
+    assert document["annotations"]["dev.gpubuild.digest"] == "d" * 64
+    assert heavy.digest == "sha256:" + hashlib.sha256(heavy.manifest).hexdigest()
+    assert build_image(manifest(), version="0.1.0") == heavy  # reproducible
+    copy = build_image(manifest(), version="0.1.0", copier=copier_layer(manifest(), b"\x7fELF"))
+    assert json.loads(copy.manifest)["layers"][:2] == document["layers"]
+    # The copier lives in the state folder's name, which no tree may use.
+    assert json.loads(copy.config.data)["config"]["Entrypoint"][-1] == "/.gpubuild/copy.sh"
+    import io
+    import tarfile
+
+    copier = copy.extra_layers[-1]
+    with tarfile.open(fileobj=io.BytesIO(copier.data)) as tar:
+        names = tar.getnames()
+        folders = tar.extractfile(".gpubuild/folders")
+        assert folders is not None
+        listed = folders.read().decode().splitlines()
+    assert names == [".gpubuild", ".gpubuild/busybox", ".gpubuild/copy.sh", ".gpubuild/folders"]
+    assert listed == sorted(set(manifest().directories))
