@@ -24,7 +24,8 @@ cluster it may have nothing to do with.
 
 The parts, in builder/checks/: model (findings, rules, the parsed files), read (files to model),
 shell (commands inside containers), links (what belongs to which cluster), versions (GB1xx),
-environment (GB2xx), rules (GB3xx-GB6xx). This module runs them and renders the result.
+environment (GB2xx), rules (GB3xx-GB6xx), pipelines (GB7xx). This module runs them and renders
+the result.
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ from pathlib import Path
 from builder.checks.environment import environment_findings
 from builder.checks.links import Links
 from builder.checks.model import ERROR, RULES, WARNING, Checkout, Finding
+from builder.checks.pipelines import pipeline_findings
 from builder.checks.read import read_checkout, read_store
 from builder.checks.rules import (
     flux_findings,
     gpu_findings,
     init_findings,
     redirect_findings,
+    sas_findings,
     shipped_findings,
 )
 from builder.checks.versions import unpinned_findings, version_findings, version_groups
@@ -113,6 +116,8 @@ def run_rules(checkout: Checkout) -> tuple[list[Finding], list[str]]:
         *redirect_findings(checkout),
         *shipped_findings(checkout, links),
         *gpu_findings(checkout),
+        *sas_findings(checkout),
+        *pipeline_findings(checkout),
     ]
     unique = sorted(set(findings), key=lambda f: (f.path, f.line, f.code, f.message))
     return unique, not_compared

@@ -14,6 +14,7 @@ Checks, each a PASS / FAIL / SKIP line (exit 1 when any fails):
   shared-dir  the shared folder exists and no gpubuild install was left half done;
   sys.path    the shared folder is on sys.path, before site-packages and before /app;
   shadowed    distributions in the shared folder that the image has at another version;
+  pruned      distributions shipped without their build-only files ([policy] prune);
   libraries   shared libraries (.so) in the shared folder whose DT_NEEDED entries do not resolve
               the way ld.so would look for them (the file's RPATH/RUNPATH, LD_LIBRARY_PATH, the
               ldconfig cache, the default folders), grouped by library, with the shared folder
@@ -481,6 +482,48 @@ def optional_provider(path: str) -> str | None:
     return _ORT_PROVIDER_NAMES.get(match.group(1), match.group(1))
 
 
+_PRUNED_FILE = "GPUBUILD_PRUNED"  # builder/prune.py writes it into a pruned dist-info
+
+
+def check_pruned(shared: str) -> Check:
+    """Distributions whose build-only files gpubuild's [policy] prune removed: what fails
+    because of it (a C++ extension build needs the headers) is named before anyone debugs it."""
+    found = []
+    try:
+        names = sorted(os.listdir(shared))
+    except OSError:
+        names = []
+    for name in names:
+        marker = os.path.join(shared, name, _PRUNED_FILE)
+        if not name.endswith(".dist-info") or not os.path.isfile(marker):
+            continue
+        fields: dict[str, list[str]] = {}
+        try:
+            with open(marker, encoding="utf-8", errors="replace") as handle:
+                for line in handle.read(65536).splitlines():
+                    key, _, value = line.partition(": ")
+                    fields.setdefault(key, []).append(value)
+        except OSError:
+            continue
+        files = (fields.get("files") or ["?"])[0]
+        size = (fields.get("bytes") or ["0"])[0]
+        megabytes = int(size) / 1e6 if size.isdigit() else 0.0
+        patterns = ", ".join(fields.get("pattern", []))
+        found.append(
+            f"{name[: -len('.dist-info')]}: {files} files ({megabytes:,.1f} MB): {patterns}"
+        )
+    if not found:
+        return Check("pruned", SKIP, "no distribution was pruned")
+    return Check(
+        "pruned",
+        PASS,
+        f"{len(found)} distribution(s) shipped without build-only files ([policy] prune):"
+        " compiling against them here (torch.utils.cpp_extension, torch.compile's C++ backend)"
+        " needs the unpruned set",
+        found,
+    )
+
+
 def check_libraries(shared: str, search: LibrarySearch) -> Check:
     objects, names = shared_objects(shared)
     missing: dict[str, list[str]] = {}
@@ -899,6 +942,7 @@ def diagnose(shared: str, *, probes: bool = True) -> list[Check]:
         checks += [
             check_sys_path(shared, sys.path),
             check_shadowed(shared, sys.path),
+            check_pruned(shared),
             check_libraries(shared, LibrarySearch.from_environment()),
         ]
     if probes:

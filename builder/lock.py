@@ -10,14 +10,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from builder.errors import BadInputError, FormatError
 from builder.fields import PACKAGE_NAME, PROFILE_NAME, Fields, install_dir_problem
-from builder.profile import Profile
+from builder.profile import Profile, prune_pattern_problem
 
 # 2: the target's interpreter and install folder are part of the lock (and of the digest).
 # 3: `sources`, the sha256 of the profile and base snapshot the lock was resolved from.
@@ -75,6 +77,8 @@ class Lock:
     excluded: tuple[Excluded, ...] = ()
     shadowed: tuple[Shadowed, ...] = ()
     warnings: tuple[str, ...] = field(default=())
+    # [policy] prune, presets expanded: the files pack removes, so part of the digest.
+    prune: tuple[str, ...] = ()
 
     def staleness(self, profile: Profile, inputs: str | None = None) -> tuple[str, ...]:
         """Why this lock is not current for `profile` (empty: it is): the one freshness rule.
@@ -82,6 +86,15 @@ class Lock:
         `sources` tells an edited profile or snapshot apart without resolving again; `inputs`,
         when the caller knows this run's (index settings, backend, gpubuild version), also
         tells those apart (rule 7)."""
+        reasons = list(self.target_changes(profile))
+        if self.sources != profile.sources:
+            reasons.append(f"{profile.path.name} or its base snapshot changed since it was written")
+        if inputs is not None and not reasons and self.inputs != inputs:
+            reasons.append("the index settings, the resolver or gpubuild's version changed")
+        return tuple(reasons)
+
+    def target_changes(self, profile: Profile) -> tuple[str, ...]:
+        """Why this lock is for another profile or target than `profile`'s (empty: it is not)."""
         target = profile.target
         reasons = []
         if self.profile != profile.name:
@@ -93,10 +106,6 @@ class Lock:
             )
         if (self.interpreter, self.install_dir) != (target.interpreter, target.install_dir):
             reasons.append("the profile's interpreter or install folder changed")
-        if self.sources != profile.sources:
-            reasons.append(f"{profile.path.name} or its base snapshot changed since it was written")
-        if inputs is not None and not reasons and self.inputs != inputs:
-            reasons.append("the index settings, the resolver or gpubuild's version changed")
         return tuple(reasons)
 
     def body(self) -> str:
@@ -116,17 +125,17 @@ class Lock:
 
     def digest(self) -> str:
         """Hash of what decides the artifact: lock body, target and format (docs/design.md#lock)."""
-        material = json.dumps(
-            {
-                "format": ARTIFACT_FORMAT,
-                "python": self.python,
-                "platform": self.platform,
-                "interpreter": self.interpreter,
-                "install_dir": self.install_dir,
-                "lock": self.body(),
-            },
-            sort_keys=True,
-        )
+        decisive: dict[str, object] = {
+            "format": ARTIFACT_FORMAT,
+            "python": self.python,
+            "platform": self.platform,
+            "interpreter": self.interpreter,
+            "install_dir": self.install_dir,
+            "lock": self.body(),
+        }
+        if self.prune:  # only when used: every digest published before pruning stays valid
+            decisive["prune"] = list(self.prune)
+        material = json.dumps(decisive, sort_keys=True)
         return hashlib.sha256(material.encode()).hexdigest()
 
 
@@ -154,6 +163,8 @@ def render_lock(
         "shadowed": [asdict(s) for s in lock.shadowed],
         "warnings": list(lock.warnings),
     }
+    if lock.prune:
+        report["prune"] = list(lock.prune)
     if set_name == "heavy":
         install_line = f"# Install: pip install --no-deps --require-hashes --target {install_dir} -r <this file>"
     else:
@@ -189,7 +200,7 @@ def render_lock(
 _VERSION_TEXT = re.compile(r"^[A-Za-z0-9.+!_-]{1,64}$")
 _HEADER_FIELDS = {
     "format", "profile", "python", "platform", "interpreter", "install_dir", "sources",
-    "inputs", "backend", "provided_by_base", "excluded", "shadowed", "warnings",
+    "inputs", "backend", "provided_by_base", "excluded", "shadowed", "warnings", "prune",
 }  # fmt: skip
 
 
@@ -272,7 +283,17 @@ def parse_lock(text: str, where: object) -> Lock:
             for f in report.objects("shadowed")
         ),
         warnings=tuple(report.strings("warnings", default=[])),
+        prune=_prune(report),
     )
+
+
+def _prune(report: Fields) -> tuple[str, ...]:
+    patterns = report.strings("prune", default=[])
+    for number, pattern in enumerate(patterns):
+        problem = prune_pattern_problem(pattern, presets=False)
+        if problem:
+            raise report.fail(f"prune[{number}]", f"{pattern[:80]!r} {problem}")
+    return tuple(patterns)
 
 
 def _name(fields: Fields, key: str) -> str:
@@ -354,3 +375,115 @@ def _via_names(text: str) -> list[str]:
         else:
             names.append(canonicalize_name(part.split()[0]))
     return names
+
+
+def source_changes(
+    lock: Lock,
+    profile: Profile,
+    requirements: tuple[str, ...],
+    provided: Mapping[str, str] | None = None,
+) -> tuple[str, ...]:
+    """What in the profile or its base snapshot no longer fits `lock`, in words.
+
+    The lock records one sha256 over both files (`sources`), not the files, so the old text
+    cannot be compared: this reads the differences off what the lock does record (its pins,
+    what the profile asked for, what the base provided, excluded and shadowed). An edit that
+    leaves all of that true (a comment, a removed constraint) shows as no reason here.
+    `requirements` are the set's own (the [heavy] list for the heavy lock); `provided` what
+    the set was resolved on top of besides the base (the heavy pins, for the light lock).
+    """
+    provided = provided or {}
+    snapshot = profile.snapshot
+    where = snapshot.path.name if snapshot.path else "the base snapshot"
+    edited = f"profile edited ({profile.path.name})"
+    changed = f"base snapshot changed ({where})"
+    locked: dict[str, str] = {p.name: p.version for p in lock.packages}
+    locked.update({p.name: p.version for p in lock.provided_by_base})
+    locked.update({e.name: e.version for e in lock.excluded})
+    reasons: list[str] = []
+    asked: set[str] = set()
+    for text in requirements:
+        requirement = _requirement(text)
+        if requirement is None:
+            continue
+        name = canonicalize_name(requirement.name)
+        asked.add(name)
+        if requirement.marker is not None:
+            continue  # whether it applies to the target is the resolver's call
+        version = locked.get(name)
+        if version is None:
+            reasons.append(f"{edited}: it asks for {text}, which the lock does not have")
+        elif not requirement.specifier.contains(version, prereleases=True):
+            reasons.append(f"{edited}: it asks for {text}, the lock has {name} {version}")
+    wanted_by_profile = [
+        (p.name, p.version) for p in lock.packages if "(profile)" in p.required_by
+    ] + [(e.name, e.version) for e in lock.excluded if "(profile)" in e.required_by]
+    for wanted, pinned_at in wanted_by_profile:
+        if wanted not in asked:
+            reasons.append(
+                f"{edited}: it no longer asks for {wanted}, which the lock has at {pinned_at}"
+                " as the profile's requirement"
+            )
+    for text in profile.policy.constraints:
+        requirement = _requirement(text)
+        if requirement is None:
+            continue
+        name = canonicalize_name(requirement.name)
+        version = locked.get(name)
+        if version is not None and not requirement.specifier.contains(version, prereleases=True):
+            reasons.append(f"{edited}: constraint {text} excludes the locked {name} {version}")
+    exclude = set(profile.policy.exclude)
+    for package in lock.packages:
+        if package.name in exclude:
+            reasons.append(
+                f"{edited}: it excludes {package.name}, which the lock ships ({package.version})"
+            )
+    for excluded in lock.excluded:
+        if excluded.name not in exclude:
+            reasons.append(
+                f"{edited}: it no longer excludes {excluded.name}, which the lock leaves out"
+            )
+    allow_shadow = set(profile.policy.allow_shadow)
+    for shadowed in lock.shadowed:
+        if shadowed.name not in allow_shadow:
+            reasons.append(
+                f"{edited}: allow_shadow no longer names {shadowed.name}, which the lock ships"
+                f" at {shadowed.version} over the base's {shadowed.base_version}"
+            )
+    for pinned in lock.provided_by_base:
+        if pinned.name in provided:
+            continue
+        now = snapshot.version_of(pinned.name)
+        if now is None:
+            reasons.append(
+                f"{changed}: it no longer lists {pinned.name}, which the lock leaves to the base"
+                f" ({pinned.version})"
+            )
+        elif now != pinned.version:
+            reasons.append(
+                f"{changed}: it lists {pinned.name} {now}, the lock leaves {pinned.name}"
+                f" {pinned.version} to the base"
+            )
+    shadowed_base = {s.name: s.base_version for s in lock.shadowed}
+    for package in lock.packages:
+        now = snapshot.version_of(package.name)
+        before = shadowed_base.get(package.name)
+        if now is not None and now != before:
+            reasons.append(
+                f"{changed}: it lists {package.name} {now}, and the lock ships {package.name}"
+                f" {package.version}"
+                + (f" over the base's {before}" if before else " as if the base lacked it")
+            )
+        elif now is None and before is not None:
+            reasons.append(
+                f"{changed}: it no longer lists {package.name}, which the lock ships over the"
+                f" base's {before}"
+            )
+    return tuple(reasons)
+
+
+def _requirement(text: str) -> Requirement | None:
+    try:
+        return Requirement(text)
+    except InvalidRequirement:
+        return None  # the profile reader refuses these; nothing to compare

@@ -37,6 +37,15 @@ class PackageEntry:
 
 
 @dataclass(frozen=True)
+class PrunedFiles:
+    """What [policy] prune removed from one distribution before packing."""
+
+    name: str
+    files: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     digest: str
     profile: str
@@ -49,6 +58,8 @@ class Manifest:
     directories: tuple[str, ...] = ()  # every folder of the tree, made before parallel extraction
     format: int = MANIFEST_FORMAT
     notes: tuple[str, ...] = field(default=())  # .pth files, unclaimed files and the like
+    prune: tuple[str, ...] = ()  # the lock's prune patterns
+    pruned: tuple[PrunedFiles, ...] = ()
 
     @property
     def total_bytes(self) -> int:
@@ -62,13 +73,19 @@ class Manifest:
 def manifest_to_bytes(manifest: Manifest) -> bytes:
     """Canonical JSON: sorted keys, fixed separators, so equal manifests are equal bytes."""
     document = asdict(manifest)
+    # Written only when used: a manifest without pruning stays readable by older readers.
+    for key in ("prune", "pruned"):
+        if not document[key]:
+            del document[key]
     return (json.dumps(document, sort_keys=True, indent=1) + "\n").encode()
 
 
 _MANIFEST_FIELDS = {
     "format", "digest", "profile", "python", "platform", "install_dir", "shards", "env",
-    "packages", "directories", "notes",
+    "packages", "directories", "notes", "prune", "pruned",
 }  # fmt: skip
+_PRUNED_FIELDS = {"name", "files", "bytes"}
+_PRUNED_NAME = re.compile(r"^([a-z0-9]([a-z0-9._-]*[a-z0-9])?|\(unclaimed files\))$")
 _SHARD_FIELDS = {"sha256", "bytes", "tar_sha256", "raw_bytes", "files", "packages"}
 _PACKAGE_FIELDS = {"name", "version", "bytes"}
 _PYTHON = re.compile(r"^3\.\d{1,2}$")
@@ -117,6 +134,17 @@ def manifest_from_bytes(data: bytes, *, where: str = "manifest") -> Manifest:
         packages=tuple(_package(fields) for fields in top.objects("packages")),
         directories=tuple(directories),
         notes=tuple(top.strings("notes", default=[])),
+        prune=tuple(top.strings("prune", default=[])),
+        pruned=tuple(_pruned(fields) for fields in top.objects("pruned", default=[])),
+    )
+
+
+def _pruned(fields: Fields) -> PrunedFiles:
+    fields.only(_PRUNED_FIELDS)
+    return PrunedFiles(
+        name=fields.string("name", pattern=_PRUNED_NAME),
+        files=fields.integer("files"),
+        bytes=fields.integer("bytes"),
     )
 
 

@@ -30,6 +30,7 @@ from builder.lock import Lock
 from builder.manifest import (
     Manifest,
     PackageEntry,
+    PrunedFiles,
     Shard,
     blob_key,
     manifest_key,
@@ -37,6 +38,7 @@ from builder.manifest import (
 )
 from builder.profile import Profile
 from builder.progress import Progress, Step, silent
+from builder.prune import prune_tree
 from builder.stores import FileLocation, FileStore, default_store_url, parse_store_url
 from builder.tree import (
     Entry,
@@ -52,9 +54,13 @@ from builder.tree import (
     pth_note,
     read_distributions,
 )
-from builder.units import megabytes, rate
+from builder.units import megabytes, plural, rate
 
 DEFAULT_SHARD_THRESHOLD = 16 * 2**20
+# A distribution above this many installed bytes is split into shards by whole files: the
+# largest shard is the critical path of an unpack on a big node, and decompressing and writing
+# cost by installed bytes (a compressed shard is smaller still).
+DEFAULT_SPLIT_BYTES = 256 * 2**20
 ZSTD_LEVEL = 3  # fast; the shards are written once and unpacked at every pod start
 # 2000-01-01: any constant is reproducible, and one after 1980 keeps zipfile (which refuses
 # older dates) working on the unpacked files, e.g. when Ray zips a runtime_env folder.
@@ -207,8 +213,11 @@ def write_artifact(
     install_dir: str,
     packages: list[PackageEntry] | None = None,
     shard_threshold: int = DEFAULT_SHARD_THRESHOLD,
+    split_bytes: int = DEFAULT_SPLIT_BYTES,
     on_progress: Progress = silent,
     work: Path | None = None,
+    prune: tuple[str, ...] = (),
+    pruned: tuple[PrunedFiles, ...] = (),
 ) -> Manifest:
     """Write the shards of an installed tree into out_dir/blobs and its manifest, last.
 
@@ -225,15 +234,18 @@ def write_artifact(
                 install_dir=install_dir,
                 packages=packages,
                 shard_threshold=shard_threshold,
+                split_bytes=split_bytes,
                 on_progress=on_progress,
                 work=fresh,
+                prune=prune,
+                pruned=pruned,
             )
     report = on_progress
     listing = list_tree(tree)
     distributions = read_distributions(tree, listing)
     ownership = assign_owners(listing, distributions)
     file_sizes = {entry.path: entry.size for entry in listing.entries}
-    plans = plan_shards(ownership, file_sizes, shard_threshold)
+    plans = plan_shards(ownership, file_sizes, shard_threshold, split_bytes=split_bytes)
     if packages is None:
         sizes = distribution_sizes(ownership, file_sizes)
         packages = [PackageEntry(d.name, d.version, sizes.get(d.name, 0)) for d in distributions]
@@ -267,6 +279,8 @@ def write_artifact(
         packages=tuple(sorted(packages, key=lambda p: p.name)),
         directories=listing.directories,
         notes=tuple(notes),
+        prune=prune,
+        pruned=pruned,
     )
     path = out_dir / manifest_key(profile, digest)
     try:
@@ -394,6 +408,13 @@ def pack(
             )
             for note in fixes.pth_notes:
                 report(f"note: {note}")
+            pruned = prune_tree(tree, lock.prune)
+            if pruned:
+                report(
+                    f"pruned {plural(sum(p.files for p in pruned), 'file')}"
+                    f" ({megabytes(sum(p.bytes for p in pruned))}) of"
+                    f" {len(pruned)} distribution(s) by [policy] prune"
+                )
             check_tree(tree, lock, profile)
             manifest = write_artifact(
                 tree,
@@ -406,6 +427,8 @@ def pack(
                 shard_threshold=shard_threshold,
                 on_progress=report,
                 work=work,
+                prune=lock.prune,
+                pruned=tuple(pruned),
             )
         except OSError as exc:  # fixing the tree; uv and the shard writer report their own
             raise disk_error(exc, out_dir, "fixing the installed tree", 0) from None

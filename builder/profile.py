@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -14,7 +15,7 @@ from packaging.utils import canonicalize_name
 
 from builder.base import BaseSnapshot, snapshot_from_bytes, universal_newlines
 from builder.errors import FormatError, ProfileError
-from builder.fields import install_dir_problem
+from builder.fields import CONTROL_CHARACTERS, install_dir_problem
 from builder.secrets import has_credentials, malformed_userinfo, redact_url, register_url
 
 if sys.version_info >= (3, 11):
@@ -48,6 +49,7 @@ class Policy:
     constraints: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     allow_shadow: tuple[str, ...] = ()
+    prune: tuple[str, ...] = ()  # patterns and presets, as written
 
 
 @dataclass(frozen=True)
@@ -107,7 +109,47 @@ _TARGET_KEYS = {
     "base_image_bytes",
 }
 _TARGET_REQUIRED = {"base_image", "base_packages", "python", "platform", "interpreter"}
-_POLICY_KEYS = {"constraints", "exclude", "allow_shadow"}
+_POLICY_KEYS = {"constraints", "exclude", "allow_shadow", "prune"}
+
+# [policy] prune presets (docs/design.md#pruning; builder/prune.py says why these files).
+PRUNE_PRESETS: dict[str, tuple[str, ...]] = {
+    "@dev-files": (
+        "nvidia/*/include/*",  # CUDA and cuDNN headers of the nvidia-* wheels
+        "nvidia/*/lib/*.a",  # their static archives
+        "torch/include/*",  # headers for building C++ extensions against torch
+        "torch/share/cmake/*",  # CMake package files, same purpose
+        "torch/lib/*.a",
+    ),
+}
+
+
+def prune_pattern_problem(pattern: str, *, presets: bool = True) -> str | None:
+    """Why `pattern` is not a prune pattern (a preset, or an fnmatch pattern relative to the
+    install folder), or None. A lock holds patterns with presets expanded: `presets` False."""
+    if pattern.startswith("@") and presets:
+        if pattern in PRUNE_PRESETS:
+            return None
+        return f"unknown preset (known: {', '.join(PRUNE_PRESETS)})"
+    if not pattern or CONTROL_CHARACTERS.search(pattern) or pattern.startswith("@"):
+        return "must be a non-empty pattern without control characters"
+    if pattern.startswith("/") or ".." in pattern.split("/"):
+        return "must be relative to the install folder, without '..'"
+    if pattern.strip("*/?") == "":
+        return "would remove everything"
+    return None
+
+
+def expand_prune(patterns: Iterable[str]) -> tuple[str, ...]:
+    """Presets replaced by their patterns, duplicates dropped, order kept: what the lock
+    records, so what was pruned is written down in full."""
+    out: list[str] = []
+    for pattern in patterns:
+        for item in PRUNE_PRESETS.get(pattern, (pattern,)):
+            if item not in out:
+                out.append(item)
+    return tuple(out)
+
+
 _INDEX_KEYS = {"name", "url", "packages"}
 
 
@@ -231,7 +273,14 @@ def _parse_policy(table: dict[str, Any], path: Path) -> Policy:
     constraints = _requirements(table, "constraints", path, "policy.constraints", required=False)
     exclude = _names(table, "exclude", path, "policy.exclude")
     allow_shadow = _names(table, "allow_shadow", path, "policy.allow_shadow")
-    return Policy(constraints=constraints, exclude=exclude, allow_shadow=allow_shadow)
+    prune = _string_list(table, "prune", path, "policy.prune", required=False)
+    for number, pattern in enumerate(prune):
+        problem = prune_pattern_problem(pattern)
+        if problem:
+            raise ProfileError(path, f"policy.prune[{number}]", f"{pattern[:80]!r} {problem}")
+    return Policy(
+        constraints=constraints, exclude=exclude, allow_shadow=allow_shadow, prune=tuple(prune)
+    )
 
 
 def _parse_indexes(value: Any, path: Path) -> tuple[Index, ...]:

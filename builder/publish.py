@@ -4,23 +4,32 @@ A reader never sees a half-published digest: the manifest names only shards that
 in the store. Shards are content-addressed, so a shard another profile published is not sent
 again, and two publishers of one digest at once both succeed. This stage never packs: it
 receives what pack produced (builder.pipeline runs the stages in order).
+
+Right before the manifest goes up, every blob it names is refreshed (an old one gets a new
+time, a vanished one is uploaded again): the publisher's half of the rule that keeps
+`gpubuild gc` from deleting a reused blob under a running publish (builder/gc.py).
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from builder.errors import StoreError
 from builder.manifest import Manifest, Shard, blob_key, manifest_to_bytes
 from builder.pack import PackResult
 from builder.progress import Progress, Step, silent
-from builder.stores import FileStore, Store
+from builder.stores import BlobsVanished, FileStore, Store
+from builder.stores.base import BLOB_FRESHNESS, MANIFEST_DEADLINE
 from builder.units import megabytes
 
 UPLOAD_WORKERS = 4
+_MANIFEST_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -100,11 +109,14 @@ def publish(
     *,
     repair: bool = False,
     on_progress: Progress = silent,
+    blob_freshness: timedelta = BLOB_FRESHNESS,
 ) -> PublishResult:
     """Upload what `store` lacks of `packed` (a local pack), then the manifest.
 
     `repair`: also re-hash what the store holds and replace blobs whose bytes differ. A store
-    that is the pack's own folder only reports what the pack wrote."""
+    that is the pack's own folder only reports what the pack wrote (pack writes every shard
+    anew right before its manifest). `blob_freshness`: how recent every blob's time must be
+    when the manifest goes up (gc's grace must exceed it; tests shorten both)."""
     report = on_progress
     manifest = packed.manifest
     local_root = packed.out_dir
@@ -132,8 +144,9 @@ def publish(
 
     with ThreadPoolExecutor(max_workers=UPLOAD_WORKERS) as pool:
         sent = list(pool.map(upload, todo))
-    uploaded = [shard for shard, did in zip(todo, sent, strict=True) if did]
-    store.put_manifest(manifest.profile, manifest.digest, manifest_to_bytes(manifest))
+        uploaded = [shard for shard, did in zip(todo, sent, strict=True) if did]
+        again = write_manifest(store, manifest, upload, pool, blob_freshness, report)
+    uploaded += [shard for shard in again if shard not in uploaded]
     report(
         f"published {manifest.profile} {manifest.digest[:16]}:"
         f" manifest {store.manifest_url(manifest.profile, manifest.digest)}"
@@ -146,6 +159,55 @@ def publish(
         packed_in=local_root,
         repaired=repaired,
     )
+
+
+def write_manifest(
+    store: Store,
+    manifest: Manifest,
+    upload: Callable[[Shard], bool],
+    pool: ThreadPoolExecutor,
+    blob_freshness: timedelta,
+    report: Progress,
+) -> list[Shard]:
+    """Refresh every blob the manifest names, upload again those that vanished (a gc deleted
+    them after this publish saw them), then write the manifest within MANIFEST_DEADLINE of
+    the refresh. Returns the shards uploaded again."""
+    shards = manifest.shards
+    again: list[Shard] = []
+    for _attempt in range(_MANIFEST_ATTEMPTS):
+        started = time.monotonic()
+        vanished = _refresh(store, shards, datetime.now(timezone.utc) - blob_freshness, pool)
+        if vanished:
+            report(
+                f"{len(vanished)} blob(s) vanished from {store} while publishing: uploading again"
+            )
+            list(pool.map(upload, vanished))
+            again += vanished
+        if time.monotonic() - started > MANIFEST_DEADLINE.total_seconds():
+            continue  # too slow: a gc may count the refreshed times as old already
+        try:
+            store.put_manifest(manifest.profile, manifest.digest, manifest_to_bytes(manifest))
+        except BlobsVanished:
+            continue  # a registry checks the blobs itself; the next round uploads them again
+        if not store.keeps_blob_times:
+            # A registry dates no blob, so its gc cannot tell a reused one from an old one:
+            # one deleted between this publish's check and the tag is put back here.
+            late = store.missing_shards(shards)
+            list(pool.map(upload, late))
+            again += late
+        return again
+    raise StoreError(
+        f"blobs of {manifest.profile} {manifest.digest[:16]} kept vanishing from {store} while"
+        " it was being published: is a `gpubuild gc` running with a short --grace? Publish again"
+    )
+
+
+def _refresh(
+    store: Store, shards: tuple[Shard, ...], older_than: datetime, pool: ThreadPoolExecutor
+) -> list[Shard]:
+    """Give every blob older than `older_than` a new time; the shards whose blobs are gone."""
+    found = pool.map(lambda shard: store.refresh_blob(shard.sha256, older_than=older_than), shards)
+    return [shard for shard, there in zip(shards, found, strict=True) if not there]
 
 
 def _result(

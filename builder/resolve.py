@@ -3,13 +3,15 @@
 (backends.py) and splits what it resolved into what is shipped, what the base image provides
 and what the policy excludes (`partition`, pure). `ensure_lock` is the lock file's
 side: it reuses a current lock (`Lock.staleness`) and resolves and writes one otherwise;
-`current_lock` reads the lock that pod-side output must match.
+`current_lock` reads the lock that pod-side output must match. `check_locks` is `resolve
+--check`: the same freshness rule, read-only, with what changed in words.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,9 +21,15 @@ from packaging.version import Version
 import builder
 from builder.backends import BACKENDS, PROJECT_NAME, Job, compile_requirements
 from builder.base import BaseSnapshot
-from builder.errors import BadInputError, GpubuildError, PolicyViolationError, ResolutionError
+from builder.errors import (
+    BadInputError,
+    FormatError,
+    GpubuildError,
+    PolicyViolationError,
+    ResolutionError,
+)
 from builder.files import write_atomically
-from builder.indexes import IndexSettings, effective_indexes
+from builder.indexes import USE_DEFAULT_INDEX, IndexSettings, effective_indexes
 from builder.lock import (
     Excluded,
     Lock,
@@ -32,13 +40,16 @@ from builder.lock import (
     parse_lock,
     read_lock,
     render_lock,
+    source_changes,
 )
-from builder.profile import Index, Profile
+from builder.profile import Index, Profile, expand_prune
 from builder.secrets import redact_url
 
 __all__ = [
     "Job",
+    "LockCheck",
     "ResolveResult",
+    "check_locks",
     "current_lock",
     "ensure_lock",
     "heavy_job",
@@ -172,6 +183,8 @@ def resolve(profile: Profile, job: Job, settings: IndexSettings) -> Lock:
         excluded=tuple(sorted(excluded, key=lambda e: e.name)),
         shadowed=tuple(sorted(shadowed, key=lambda s: s.name)),
         warnings=warnings,
+        # Pruning applies to what pack ships (the heavy set), not to what an image installs.
+        prune=expand_prune(profile.policy.prune) if job.set_name == "heavy" else (),
     )
 
 
@@ -294,3 +307,150 @@ def current_lock(profile: Profile, lock_path: Path | None = None) -> tuple[Lock,
             f" {profile.path}` again (it resolves, packs and publishes the new set)"
         )
     return lock, path, text
+
+
+# --- resolve --check: is the lock current? Reads, never resolves, writes nothing ----------------
+
+
+@dataclass(frozen=True)
+class LockCheck:
+    """One lock as `resolve --check` finds it: current when `reasons` is empty."""
+
+    set_name: str  # "heavy" or "light"
+    lock_path: Path
+    reasons: tuple[str, ...]
+    digest: str | None = None  # the artifact digest, when the lock could be read
+
+    @property
+    def current(self) -> bool:
+        return not self.reasons
+
+
+def check_lock(
+    profile: Profile, job: Job, settings: IndexSettings, path: Path
+) -> tuple[LockCheck, Lock | None]:
+    """Whether `resolve` with these settings would leave the lock at `path` as it is (rule 7),
+    and if not, what changed, in words. Runs no resolver: the profile, its snapshot and the
+    lock are all it reads."""
+    if not path.is_file():
+        return LockCheck(job.set_name, path, (f"no lock: {path} does not exist",)), None
+    try:
+        lock = read_lock(path)
+    except FormatError as exc:
+        what = "lock format" if exc.key == "header.format" else "unreadable lock"
+        return LockCheck(job.set_name, path, (f"{what}: {exc}",)), None
+    except GpubuildError as exc:
+        return LockCheck(job.set_name, path, (f"unreadable lock: {exc}",)), None
+    inputs = inputs_digest(profile, job, settings)
+    if not lock.staleness(profile, inputs):
+        return LockCheck(job.set_name, path, (), lock.digest()), lock
+    reasons = [f"target changed: {reason}" for reason in lock.target_changes(profile)]
+    if lock.sources != profile.sources:
+        details = source_changes(lock, profile, job.wanted(profile), job.provided)
+        reasons += details or [
+            f"profile or base snapshot edited: {profile.path.name} or"
+            f" {profile.snapshot.path.name if profile.snapshot.path else 'its snapshot'}"
+            " changed in a way the lock does not show (a comment, a removed constraint, an"
+            " [[index]] table, a base package nothing here uses)"
+        ]
+    elif not reasons:
+        reasons.append(_inputs_change(lock, profile, job, settings))
+    return LockCheck(job.set_name, path, tuple(reasons), lock.digest()), lock
+
+
+def _inputs_change(lock: Lock, profile: Profile, job: Job, settings: IndexSettings) -> str:
+    """Same profile and snapshot, other inputs (rule 7): the resolver, the index options or
+    gpubuild's version. The lock names its resolver; the others it records only as a digest,
+    so they are told apart by trying this run's inputs without the index options."""
+    family = "pip-tools" if lock.backend.startswith("pip-tools") else "uv"
+    if family != job.backend:
+        return f"resolver changed: the lock was resolved with {lock.backend}, this run uses {job.backend}"
+    given = _index_options_text(settings) or "none"
+    for candidate in _likely_settings(profile):
+        if candidate != settings and inputs_digest(profile, job, candidate) == lock.inputs:
+            return (
+                "index options changed: the lock was resolved with"
+                f" {_index_options_text(candidate) or 'no index options'}, this run gives {given}"
+            )
+    return (
+        "index options or gpubuild version changed: the lock was resolved with other"
+        f" --index-url/--index options than this run's ({given}) or by a gpubuild"
+        f" other than {builder.__version__}; check with the options `resolve` was given"
+    )
+
+
+def _likely_settings(profile: Profile) -> list[IndexSettings]:
+    """The index options a lock is most often resolved with: none, or some of the profile's
+    [[index]] routes dropped (`--index NAME=default`, for a machine that cannot reach one)."""
+    names = [index.name for index in profile.indexes][:4]  # at most 16 digests to try
+    return [
+        IndexSettings(overrides=tuple((name, USE_DEFAULT_INDEX) for name in chosen))
+        for size in range(len(names) + 1)
+        for chosen in itertools.combinations(names, size)
+    ]
+
+
+def _index_options_text(settings: IndexSettings) -> str:
+    parts = [f"--index-url {redact_url(settings.default_url)}"] if settings.default_url else []
+    parts += [
+        f"--index {name}={url if url == USE_DEFAULT_INDEX else redact_url(url)}"
+        for name, url in settings.overrides
+    ]
+    return " ".join(parts)
+
+
+def check_locks(
+    profile: Profile,
+    *,
+    settings: IndexSettings = _NO_SETTINGS,
+    lock_path: Path | None = None,
+    backend: str = "uv",
+) -> tuple[LockCheck, ...]:
+    """`resolve --check`: the heavy lock, and the light lock beside it when the profile has a
+    [light] set (resolved on top of the heavy pins, so checked only once those are current)."""
+    path = lock_path or default_lock_path(profile)
+    heavy, lock = check_lock(profile, heavy_job(profile, path, backend), settings, path)
+    if not profile.light:
+        return (heavy,)
+    from builder.light import light_lock_path  # only profiles with a [light] set pay for it
+
+    light_path = light_lock_path(path)
+    if lock is None or not heavy.current:
+        return heavy, LockCheck("light", light_path, ("the heavy lock it is resolved on is stale",))
+    provided = {p.name: p.version for p in lock.packages}
+    job = Job(requirements=profile.light, set_name="light", provided=provided)
+    light, _ = check_lock(profile, job, settings, light_path)
+    return heavy, light
+
+
+def check_document(checks: tuple[LockCheck, ...]) -> dict[str, object]:
+    """The `--json` document of `gpubuild resolve --check`."""
+    return {
+        "current": all(c.current for c in checks),
+        "locks": [
+            {
+                "set": c.set_name,
+                "lock": str(c.lock_path),
+                "current": c.current,
+                "digest": c.digest,
+                "reasons": list(c.reasons),
+            }
+            for c in checks
+        ],
+    }
+
+
+def check_text(profile: Profile, checks: tuple[LockCheck, ...]) -> str:
+    lines = []
+    for check in checks:
+        if check.current:
+            assert check.digest is not None
+            lines.append(f"{check.lock_path} is current (digest {check.digest[:16]})")
+            continue
+        lines.append(f"{check.lock_path} is stale for {profile.path}:")
+        lines += [f"  - {reason}" for reason in check.reasons]
+    if not all(c.current for c in checks):
+        lines.append(
+            f"run `gpubuild resolve {profile.path}` (with the same options) and commit the lock"
+        )
+    return "\n".join(lines)

@@ -171,11 +171,17 @@ def assign_owners(listing: Listing, distributions: Iterable[Distribution]) -> Ow
 
 
 def plan_shards(
-    ownership: Ownership, file_sizes: Mapping[str, int], threshold: int
+    ownership: Ownership,
+    file_sizes: Mapping[str, int],
+    threshold: int,
+    *,
+    split_bytes: int | None = None,
 ) -> list[ShardPlan]:
     """Shards that follow distributions (docs/design.md#artifact).
 
-    A distribution above `threshold` installed bytes is a shard of its own. The small ones are
+    A distribution above `threshold` installed bytes is a shard of its own, or, above
+    `split_bytes`, several (`split_paths`): no single stream of one giant wheel is the
+    critical path of an unpack. The small ones are
     taken in name order and grouped: a group closes once it reaches `threshold`, or after a name
     whose hash marks it as a boundary (one name in eight). Content-defined boundaries keep an
     upgrade or an added package from reshuffling every later group: a change reaches at most up
@@ -187,7 +193,11 @@ def plan_shards(
     small: list[str] = []
     for name in sorted(ownership.owned):
         if sizes[name] > threshold:
-            plans.append(ShardPlan((name,), tuple(sorted(ownership.owned[name])), sizes[name]))
+            paths = sorted(ownership.owned[name])
+            parts = split_paths(paths, file_sizes, split_bytes) if split_bytes else [paths]
+            for part in parts:
+                size = sum(file_sizes[p] for p in part)
+                plans.append(ShardPlan((name,), tuple(part), size))
         else:
             small.append(name)
     group: list[str] = []
@@ -205,6 +215,35 @@ def plan_shards(
         size = sum(file_sizes[p] for p in leftovers)
         plans.append(ShardPlan(tuple(names), tuple(leftovers), size))
     return plans
+
+
+def split_paths(paths: list[str], file_sizes: Mapping[str, int], bound: int) -> list[list[str]]:
+    """One distribution's files (sorted) as parts of at most `bound` bytes, by whole files.
+
+    A file above `bound` is a part of its own. The others are cut in path order into parts of
+    about equal size (the fewest that fit under `bound`), so the parts depend only on this
+    distribution's files: an upgrade of another distribution never moves them."""
+    if sum(file_sizes[p] for p in paths) <= bound:
+        return [paths]
+    alone = [[p] for p in paths if file_sizes[p] > bound]
+    rest = [p for p in paths if file_sizes[p] <= bound]
+    total = sum(file_sizes[p] for p in rest)
+    count = max(1, -(-total // bound))
+    target = total / count
+    parts: list[list[str]] = []
+    part: list[str] = []
+    size = 0
+    for path in rest:
+        full = size + file_sizes[path] > bound
+        # The last of the `count` parts takes what is left, down to empty files.
+        if part and (full or (size >= target and len(parts) < count - 1)):
+            parts.append(part)
+            part, size = [], 0
+        part.append(path)
+        size += file_sizes[path]
+    if part:
+        parts.append(part)
+    return alone + parts
 
 
 def _is_boundary(name: str) -> bool:

@@ -56,6 +56,7 @@ def write_profile(
     exclude: list[str] | None = None,
     allow_shadow: list[str] | None = None,
     indexes: list[dict] | None = None,
+    prune: list[str] | None = None,
     base: str = BASE_SNAPSHOT,
     extra: str = "",
 ) -> Path:
@@ -77,6 +78,7 @@ def write_profile(
         f"constraints = {json.dumps(constraints if constraints is not None else ['protobuf<5', 'numpy<2'])}",
         f"exclude = {json.dumps(exclude if exclude is not None else ['click'])}",
         f"allow_shadow = {json.dumps(allow_shadow or [])}",
+        *([f"prune = {json.dumps(prune)}"] if prune is not None else []),
     ]
     for index in indexes or []:
         lines += [

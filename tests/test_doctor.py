@@ -148,7 +148,8 @@ def test_doctor_on_this_machine_reports_missing_gpu_packages_as_not_present(
     assert statuses["torch"] == ("skip", "not present")
     assert statuses["onnxruntime"] == ("skip", "not present")
     assert {name: s for name, (s, _) in statuses.items()} == {
-        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "libraries": "pass",
+        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "pruned": "skip",
+        "libraries": "pass",
         "torch": "skip", "onnxruntime": "skip",
     }  # fmt: skip
     assert proc.returncode == 0 and report["ok"] is True
@@ -264,7 +265,8 @@ def test_doctor_in_a_container_finds_shadow_and_missing_library_folder(
         assert status == 0, report
         assert report["ok"] is True
         assert {c["name"]: c["status"] for c in report["checks"]} == {
-            "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "libraries": "pass",
+            "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "pruned": "skip",
+        "libraries": "pass",
             "torch": "skip", "onnxruntime": "skip",
         }  # fmt: skip
     finally:
@@ -420,7 +422,8 @@ def test_onnxruntime_probe_tells_a_crash_from_an_import_failure(
     status, checks = _doctor_json(crashing, tmp_path)
     assert status == 1
     assert {name: c["status"] for name, c in checks.items()} == {
-        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "libraries": "pass",
+        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "pruned": "skip",
+        "libraries": "pass",
         "torch": "skip", "onnxruntime": "fail",
     }  # fmt: skip
     assert checks["onnxruntime"]["message"] == (
@@ -461,7 +464,8 @@ def test_torch_probe_tells_a_crash_from_an_import_failure(
     status, checks = _doctor_json(crashing, tmp_path)
     assert status == 1
     assert {name: c["status"] for name, c in checks.items()} == {
-        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "libraries": "pass",
+        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "pruned": "skip",
+        "libraries": "pass",
         "torch": "fail", "onnxruntime": "skip",
     }  # fmt: skip
     assert checks["torch"]["message"] == (
@@ -501,7 +505,8 @@ def test_optional_tensorrt_provider_without_tensorrt_is_a_note_not_a_fail(
     (shared / ".gpubuild" / "installed").write_text("0123abcd store\n")
     status, checks = _doctor_json(shared, tmp_path)
     assert {name: c["status"] for name, c in checks.items()} == {
-        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "libraries": "pass",
+        "shared-dir": "pass", "sys.path": "pass", "shadowed": "pass", "pruned": "skip",
+        "libraries": "pass",
         "torch": "skip", "onnxruntime": "pass",
     }  # fmt: skip
     assert status == 0

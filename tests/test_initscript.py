@@ -5,10 +5,12 @@ empty), exit non-zero and say what happened; the SAS must never be printed."""
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import hashlib
 import io
 import os
 import random
+import re
 import shutil
 import stat
 import subprocess
@@ -19,7 +21,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 import pytest
 import zstandard
@@ -34,7 +36,7 @@ from builder.stores import open_store
 from builder.stores.sas import make_read_sas
 from builder.tools import run_uv
 from tests.helpers import REPO, run_cli, write_profile
-from tests.support.faults import Cut, ScriptedStore, Serve, Slow, Stall, blob_path
+from tests.support.faults import Cut, ScriptedStore, Serve, Slow, Stall, Status, blob_path
 from tests.support.filesystems import tmpfs
 from tests.support.processes import kill_tree
 from tests.support.services import free_port, nginx_serving, require_program
@@ -774,6 +776,109 @@ def test_a_cut_download_resumes_instead_of_starting_again(
     # The second request asked for the last tenth only: the blob crossed the wire once.
     assert sum(entry.bytes_sent for entry in served) == big.bytes
     assert served[1].bytes_sent < big.bytes // 5
+
+
+def _request_times(server: ScriptedStore, path: str) -> list[float]:
+    return [entry.at for entry in server.served(path)]
+
+
+def _waits(stderr: str) -> list[float]:
+    """The waits the script announced: "trying again in 1.234 s"."""
+    return [float(m) for m in re.findall(r"trying again in ([0-9.]+) s", stderr)]
+
+
+def test_retries_honour_retry_after_in_seconds_and_as_a_date(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    manifest = artifacts.a.manifest
+    path = blob_path(big_shard(manifest))
+    soon = email.utils.formatdate(time.time() + 8, usegmt=True)
+    with ScriptedStore(artifacts.store) as server:
+        server.script(path, Status(503, retry_after=2), Status(429, retry_after=soon))
+        target = tmp_path / "vol"
+        target.mkdir()
+        result = run_init(
+            write_script(tmp_path, manifest, server.url),
+            target,
+            {"GPUBUILD_RETRIES": "3", "GPUBUILD_PARALLEL": "1"},
+        )
+        times = _request_times(server, path)
+    assert result.returncode == 0, result.stderr
+    assert_installed(target, artifacts.a)
+    assert "HTTP 503" in result.stderr and "the store asked for 2 s: Retry-After" in result.stderr
+    # Retry-After is a floor: the jitter comes on top (up to 1 s after attempt 1, 2 s after 2).
+    # The date was 8 s ahead when the test began; about 5 s of it were left at the second try.
+    first, second = _waits(result.stderr)
+    assert 2.0 <= first <= 3.0 and 3.0 <= second <= 8.0
+    assert times[1] - times[0] >= 2.0 and times[2] - times[0] >= 7.0
+
+
+def test_a_retry_after_that_is_not_a_time_is_ignored_and_retries_stay_within_the_limit(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    manifest = artifacts.a.manifest
+    path = blob_path(big_shard(manifest))
+    with ScriptedStore(artifacts.store) as server:
+        server.script(path, *[Status(503, retry_after="$(touch /tmp/pwned); soon")] * 5)
+        target = tmp_path / "vol"
+        target.mkdir()
+        result = run_init(
+            write_script(tmp_path, manifest, server.url),
+            target,
+            {"GPUBUILD_RETRIES": "3", "GPUBUILD_PARALLEL": "1"},
+        )
+        requests = server.served(path)
+    assert result.returncode == 1
+    assert len(requests) == 3  # GPUBUILD_RETRIES attempts, not one more
+    assert "No luck after 3 attempts" in result.stderr
+    assert "Retry-After" not in result.stderr  # nothing was honoured
+    assert all(wait <= 2.0 for wait in _waits(result.stderr))  # the backoff window alone
+    assert_empty(target)
+
+
+def _sas_with_expiry(expiry: str | None) -> str:
+    fields = ["sv=2023-11-03", "sr=c", "sp=r"]
+    if expiry is not None:
+        fields.append(f"se={expiry}")
+    return "&".join([*fields, "sig=c2VjcmV0LXNpZ25hdHVyZS12YWx1ZQ%3D%3D"])
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "expected"),
+    [
+        (timedelta(days=30, minutes=30), "is valid for 30 days 0 hours"),
+        (
+            timedelta(days=3, minutes=5),
+            "WARNING: the SAS from GPUBUILD_SAS expires in 3 days 0 hours",
+        ),
+        (timedelta(hours=-2), "WARNING: the SAS from GPUBUILD_SAS expired at"),
+        (None, "names no expiry (se=)"),
+        ("garbage", "is not a date"),
+    ],
+)
+def test_the_script_says_how_long_its_sas_stays_valid_without_printing_it(
+    artifacts: Artifacts, tmp_path: Path, expires_in: timedelta | str | None, expected: str
+) -> None:
+    if isinstance(expires_in, timedelta):
+        moment = datetime.now(timezone.utc) + expires_in
+        expiry: str | None = quote(moment.strftime("%Y-%m-%dT%H:%M:%SZ"), safe="")
+    else:
+        expiry = expires_in
+    sas = _sas_with_expiry(expiry)
+    manifest = artifacts.a.manifest
+    with ScriptedStore(artifacts.store) as server:
+        target = tmp_path / "vol"
+        target.mkdir()
+        result = run_init(
+            write_script(tmp_path, manifest, server.url), target, {"GPUBUILD_SAS": sas}
+        )
+    # This store ignores the SAS: whatever its expiry, the set installs.
+    assert result.returncode == 0, result.stderr
+    assert expected in result.stderr
+    if isinstance(expires_in, timedelta):
+        assert moment.strftime("%Y-%m-%dT%H:%M:%SZ") in result.stderr
+    assert_no_secret(sas, result.stderr)
+    assert "c2VjcmV0" not in result.stderr
 
 
 @pytest.mark.parametrize("mode", ["close", "stall"])

@@ -347,6 +347,29 @@ def test_write_artifact_is_reproducible_and_unpacks_to_the_same_tree(
     assert all_dirs(dest) == all_dirs(hand_tree)
 
 
+def test_a_giant_distribution_is_packed_as_several_shards_that_unpack_to_it(
+    hand_tree: Path, tmp_path: Path
+) -> None:
+    """a_pkg (200 kB of noise, above 64 kB) split at 64 kB: its big file alone, the rest
+    together; the shards still unpack to the tree, and packing again gives the same bytes."""
+    split = [
+        write_artifact(
+            hand_tree, tmp_path / name, profile="hand", digest="d" * 64, python="3.10",
+            platform=PLATFORM, install_dir=INSTALL_DIR, shard_threshold=1_000,
+            split_bytes=64_000,
+        )
+        for name in ("one", "two")
+    ]  # fmt: skip
+    assert split[0] == split[1]
+    a_shards = [s for s in split[0].shards if s.packages == ("a-pkg",)]
+    members = [{m.name for m in tar_members(tmp_path / "one", s.sha256)} for s in a_shards]
+    assert {"a_pkg/data.bin"} in members and len(a_shards) == 2  # above the bound: alone
+    assert all(s.raw_bytes <= 64_000 + 10_240 or s.files == 1 for s in split[0].shards)
+    dest = tmp_path / "unpacked"
+    unpack(tmp_path / "one", split[0], dest)
+    assert snapshot(dest) == snapshot(hand_tree)
+
+
 def test_plan_shards_keeps_groups_stable_when_one_small_package_changes() -> None:
     names = [f"pkg-{n:02d}" for n in range(40)]
     files = {f"{name}/f": 1000 for name in names}
@@ -624,8 +647,10 @@ def test_cli_pack_json(tmp_path: Path, wheels: dict[str, Path], index: str) -> N
     assert not document["reused"]
     assert "MB/s" in result.stderr
 
-    again = run_cli("pack", str(path), "--out", str(out), "--index-url", index, "--json")
-    assert again.returncode == 0 and again.json()["reused"]
+    # The same folder named relative to the working directory.
+    again = run_cli("pack", str(path), "--out", "store", "--index-url", index, "--json",
+                    cwd=tmp_path)  # fmt: skip
+    assert again.returncode == 0 and again.json()["reused"], again.stderr
     assert again.json()["digest"] == document["digest"]
 
 

@@ -41,12 +41,16 @@ RULES: dict[str, Rule] = {
         Rule("GB402", WARNING, "initContainer deletes protobuf/click by hand (rm -rf)"),
         Rule("GB403", WARNING, "initContainer re-installs numpy<2 by hand"),
         Rule("GB404", WARNING, "pip requirement with an unquoted < or >: the shell redirects"),
+        Rule("GB405", WARNING, "SAS Secret mounted with no note on how it is rotated"),
+        Rule("GB406", ERROR, "SAS written into the manifest itself"),
         Rule("GB501", ERROR, "lock or manifest ships protobuf>=5 (Ray needs protobuf<5)"),
         Rule("GB502", ERROR, "lock or manifest ships click (Ray's CLI needs its own)"),
         Rule("GB503", ERROR, "lock or manifest ships numpy>=2 (onnxruntime needs numpy<2)"),
         Rule("GB504", ERROR, "lock or manifest shadows a package of the base image"),
         Rule("GB601", ERROR, "GPU worker group without an nvidia.com/gpu limit"),
         Rule("GB602", WARNING, "GPU worker group without the nvidia.com/gpu toleration"),
+        Rule("GB701", ERROR, "pipeline runs publish-cache without resolve --check before it"),
+        Rule("GB702", ERROR, "pipeline's DockerFiles entry names a Dockerfile that does not exist"),
     )
 }
 
@@ -127,6 +131,19 @@ class PipInstall:
     where: Where
 
 
+@dataclass(frozen=True)
+class SasUse:
+    """How a container gets the init script's SAS (GPUBUILD_SAS or GPUBUILD_SAS_FILE)."""
+
+    variable: str
+    where: Where
+    # "secret": from a Kubernetes Secret (secretKeyRef, or a file on a Secret volume);
+    # "literal": the value written in the manifest; "other": a CSI volume, a ConfigMap, ...
+    source: str
+    secret: str | None  # the Secret's name, when from one
+    rotation_note: bool  # a comment near it (or naming the Secret) says how it is renewed
+
+
 @dataclass
 class Container:
     name: str
@@ -140,6 +157,7 @@ class Container:
     requests: dict[str, str] = field(default_factory=dict)
     resources_where: Where | None = None
     commands: list[Command] = field(default_factory=list)
+    sas: list[SasUse] = field(default_factory=list)
 
 
 @dataclass
@@ -174,10 +192,21 @@ class Dockerfile:
     env: dict[str, tuple[str, Where]] = field(default_factory=dict)  # the final stage's ENV
 
 
+@dataclass(frozen=True)
+class DockerfileEntry:
+    """One item of a template pipeline's `DockerFiles` parameter."""
+
+    written: str  # the `file:` value as the pipeline has it
+    candidates: tuple[Path, ...]  # where that is on disk: beside the pipeline, at the git root
+    where: Where
+
+
 @dataclass
 class Pipeline:
     display: str
     builds: list[tuple[str, Path]] = field(default_factory=list)  # (image repository, Dockerfile)
+    commands: list[Command] = field(default_factory=list)  # its scripts' commands, file order
+    dockerfile_entries: list[DockerfileEntry] = field(default_factory=list)
 
 
 @dataclass

@@ -18,12 +18,14 @@ from builder.checks.model import (
     Cluster,
     Command,
     Container,
+    DockerfileEntry,
     EnvVar,
     Finding,
     Group,
     HelmRelease,
     ImageField,
     Pipeline,
+    SasUse,
     Where,
     split_image,
 )
@@ -160,6 +162,11 @@ def _read_group(
     pod = _mapping(node, "template", "spec")
     if not isinstance(pod, Mapping):
         return group
+    volumes = {
+        str(item["name"]): (item, _item_where(pod.get("volumes"), index, display).line)
+        for index, item in enumerate(_list(pod.get("volumes")))
+        if isinstance(item, Mapping) and _str(item.get("name"))
+    }
     for key, target in (
         ("containers", group.containers),
         ("initContainers", group.init_containers),
@@ -167,9 +174,9 @@ def _read_group(
         items = pod.get(key)
         for index, item in enumerate(_list(items)):
             if isinstance(item, Mapping):
-                target.append(
-                    _read_container(item, _item_where(items, index, display), raw, display)
-                )
+                container = _read_container(item, _item_where(items, index, display), raw, display)
+                container.sas = _sas_uses(item, container, volumes, raw, display)
+                target.append(container)
     tolerations = pod.get("tolerations")
     if isinstance(tolerations, list):
         group.tolerations_where = _key_where(pod, "tolerations", display)
@@ -208,6 +215,97 @@ def read_cluster(document: Mapping[str, Any], raw: Sequence[str], display: str) 
                 _read_group(item, False, _item_where(workers, index, display), raw, display)
             )
     return cluster
+
+
+_SAS_VARIABLES = ("GPUBUILD_SAS", "GPUBUILD_SAS_FILE")
+_ROTATION_WORDS = re.compile(r"(?i)rotat|renew|expir")
+
+
+def _sas_uses(
+    node: Mapping[str, Any],
+    container: Container,
+    volumes: Mapping[str, tuple[Any, int]],
+    raw: Sequence[str],
+    display: str,
+) -> list[SasUse]:
+    """Where the container gets the init script's SAS from (builder/k8s.py mounts it as the
+    file GPUBUILD_SAS_FILE names, on a Secret volume), and whether a comment says how that
+    Secret is renewed: in the container's lines, the volume's, the comment lines just above
+    either, or anywhere in the file when the comment names the Secret."""
+    uses = []
+    for item in _list(node.get("env")):
+        name = _str(_mapping(item, "name"))
+        if name not in _SAS_VARIABLES:
+            continue
+        variable = container.env[name]
+        secret: str | None = None
+        source = "other"
+        volume_line = None
+        if name == "GPUBUILD_SAS" and variable.value is not None:
+            source = "literal" if variable.value.strip() else "other"
+        elif name == "GPUBUILD_SAS":
+            secret = _str(_mapping(item, "valueFrom", "secretKeyRef", "name"))
+            source = "secret" if secret else "other"
+        else:
+            secret, volume_line = _secret_volume(node, variable.value or "", volumes)
+            source = "secret" if secret else "other"
+        lines = [*_block(raw, container.where.line)]
+        if volume_line is not None:
+            lines += _block(raw, volume_line)
+        noted = any(_ROTATION_WORDS.search(_comment(raw[i - 1])) for i in lines)
+        if secret and not noted:
+            noted = any(
+                secret in _comment(line) and _ROTATION_WORDS.search(_comment(line)) for line in raw
+            )
+        uses.append(SasUse(name, variable.where, source, secret, noted))
+    return uses
+
+
+def _secret_volume(
+    node: Mapping[str, Any], path: str, volumes: Mapping[str, tuple[Any, int]]
+) -> tuple[str | None, int | None]:
+    """(Secret name, volume line) of the volume the file at `path` is on, when a Secret's."""
+    for mount in _list(node.get("volumeMounts")):
+        mount_path = (_str(_mapping(mount, "mountPath")) or "").rstrip("/")
+        name = _str(_mapping(mount, "name")) or ""
+        if (
+            not mount_path
+            or name not in volumes
+            or not (path == mount_path or path.startswith(mount_path + "/"))
+        ):
+            continue
+        volume, line = volumes[name]
+        secret = _str(_mapping(volume, "secret", "secretName"))
+        for source in _list(_mapping(volume, "projected", "sources")):
+            secret = secret or _str(_mapping(source, "secret", "name"))
+        return secret, line
+    return None, None
+
+
+def _comment(line: str) -> str:
+    """The comment on a YAML line ('#' at its start or after a space; best effort)."""
+    match = re.search(r"(?:^|\s)#(.*)$", line)
+    return match.group(1) if match else ""
+
+
+def _block(raw: Sequence[str], first: int) -> range:
+    """1-based lines of the YAML block whose first line is `first` (a sequence item or a
+    key), with the comment lines right above it."""
+    start = first - 1
+    if not 0 <= start < len(raw):
+        return range(0)
+    indent = len(raw[start]) - len(raw[start].lstrip(" "))
+    end = start + 1
+    while end < len(raw):
+        line = raw[end]
+        content = line.strip() and not line.lstrip().startswith("#")
+        if content and len(line) - len(line.lstrip(" ")) <= indent:
+            break
+        end += 1
+    above = start
+    while above > 0 and raw[above - 1].lstrip().startswith("#"):
+        above -= 1
+    return range(above + 1, end + 1)
 
 
 _MARKER = re.compile(r"\{\s*\"\$imagepolicy\"\s*:\s*\"([^\"]*)\"\s*\}")
@@ -290,6 +388,8 @@ def read_pipeline(text: str, path: Path, display: str, checkout: Checkout) -> No
         checkout.findings.append(error)
         return
     pipeline = Pipeline(display)
+    raw = text.splitlines()
+    roots = _source_roots(path)
     for document in documents:
         for node in _mappings(document):
             url, file = _str(node.get("registryUrl")), _str(node.get("file"))
@@ -300,7 +400,53 @@ def read_pipeline(text: str, path: Path, display: str, checkout: Checkout) -> No
                 continue  # a pipeline variable we cannot know
             dockerfile = Path(file) if Path(file).is_absolute() else path.parent / file
             pipeline.builds.append((url.strip().lower(), dockerfile))
+        for node in _mappings(document):
+            for key, value in node.items():
+                if key in _SCRIPT_KEYS and isinstance(value, str):
+                    start = _value_where(node, key, display).line - 1
+                    for line, pieces in logical_lines(scalar_lines(value, start, raw)):
+                        pipeline.commands += commands_of(line, pieces, display)
+                elif str(key).lower() == "dockerfiles" and isinstance(value, list):
+                    pipeline.dockerfile_entries += _dockerfile_entries(value, roots, display)
+    pipeline.commands.sort(key=lambda command: command.where.line)
     checkout.pipelines.append(pipeline)
+
+
+# Where a pipeline keeps shell text: `script:` and `bash:` steps, a task's `script` input
+# (Bash@3, CmdLine@2) and AzureCLI@2's `inlineScript`.
+_SCRIPT_KEYS = {"script", "bash", "inlineScript"}
+
+
+def _source_roots(path: Path) -> tuple[Path, ...]:
+    """What $(Build.SourcesDirectory) may be: the pipeline's folder (a pipeline at the
+    repository root, as the deployment guide has it) or the git root above it."""
+    roots = [path.parent]
+    for folder in path.resolve().parents:
+        if (folder / ".git").exists():
+            roots.append(folder)
+            break
+    return tuple(roots)
+
+
+def _dockerfile_entries(
+    items: list[Any], roots: tuple[Path, ...], display: str
+) -> list[DockerfileEntry]:
+    entries = []
+    for item in items:
+        file = _str(_mapping(item, "file"))
+        if file is None:
+            continue
+        where = _value_where(item, "file", display)
+        variable = "$(Build.SourcesDirectory)"
+        if "$(" in file.replace(variable, ""):
+            continue  # a pipeline variable we cannot know
+        if Path(file).is_absolute() and variable not in file:
+            candidates: tuple[Path, ...] = (Path(file),)
+        else:
+            relative = file.replace(variable, "").lstrip("/")
+            candidates = tuple(root / relative for root in roots)
+        entries.append(DockerfileEntry(file, candidates, where))
+    return entries
 
 
 def _mappings(node: Any) -> Iterator[Mapping[str, Any]]:

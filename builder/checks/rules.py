@@ -1,5 +1,6 @@
-"""GB301-GB302 (Flux markers), GB401-GB404 (initContainer and pip habits), GB501-GB504
-(what a lock or manifest ships), GB601-GB602 (GPU scheduling)."""
+"""GB301-GB302 (Flux markers), GB401-GB404 (initContainer and pip habits), GB405-GB406 (the
+init script's SAS), GB501-GB504 (what a lock or manifest ships), GB601-GB602 (GPU
+scheduling)."""
 
 from __future__ import annotations
 
@@ -154,6 +155,49 @@ def _init_container_findings(group: Group, container: Container, links: Links) -
                     "(`gpubuild resolve` reports what was excluded)",
                 )
             )
+    return findings
+
+
+def sas_findings(checkout: Checkout) -> list[Finding]:
+    """GB405: the SAS comes from a Secret, and nothing in the file says how that Secret is
+    renewed. Every SAS expires (`gpubuild sas` makes 24-hour ones unless told otherwise, a
+    year at most), and then every new pod's init container fails with HTTP 403 while the
+    running ones carry on: the failure comes days later, on a scale-up. What can be read off
+    a manifest is only whether someone wrote the renewal down; the Secret, its expiry and the
+    job that renews it are not in the checkout. GB406: a SAS written into the manifest."""
+    findings = []
+    for cluster in checkout.clusters:
+        for group in cluster.groups:
+            for container in [*group.init_containers, *group.containers]:
+                label = f"worker group {group.name!r} container {container.name!r}"
+                for use in container.sas:
+                    if use.source == "literal":
+                        findings.append(
+                            finding(
+                                use.where,
+                                "GB406",
+                                f"{label} has its SAS written into the manifest"
+                                f" ({use.variable}): everyone who reads the repository can"
+                                " read the store, and it cannot be rotated without a commit",
+                                "delete it, revoke it (rotate the account key), and mount a"
+                                " Secret instead: `gpubuild k8s patch ... --secret NAME`",
+                            )
+                        )
+                    elif use.source == "secret" and not use.rotation_note:
+                        findings.append(
+                            finding(
+                                use.where,
+                                "GB405",
+                                f"{label} reads its SAS from Secret {use.secret!r}"
+                                f" ({use.variable}), and no comment here says how that"
+                                " Secret is renewed: when the SAS expires, new pods fail"
+                                " (HTTP 403) while old ones keep running",
+                                "renew it before it expires (`gpubuild sas STORE --expires-in"
+                                " ... --out FILE` in a scheduled job, or an External Secret),"
+                                f" and say so in a comment here that names {use.secret!r} or"
+                                " sits on these lines, with 'rotated', 'renewed' or 'expires'",
+                            )
+                        )
     return findings
 
 

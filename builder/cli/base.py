@@ -88,6 +88,8 @@ _COMMANDS = {
     "publish-cache": "store_commands:publish_cache_command",
     "fetch": "store_commands:fetch_command",
     "sas": "store_commands:sas",
+    "gc": "maintenance_commands:gc_command",
+    "verify": "maintenance_commands:verify_command",
     "init-script": "pod_commands:init_script_command",
     "k8s": "pod_commands:k8s_group",
     "dockerfile": "image_commands:dockerfile_command",
@@ -96,6 +98,7 @@ _COMMANDS = {
     "check": "repo_commands:check_command",
     "doctor": "repo_commands:doctor_command",
     "base-snapshot": "repo_commands:base_snapshot",
+    "ci": "ci_commands:ci_group",
 }
 
 
@@ -129,12 +132,15 @@ def main() -> None:
       k8s patch YAML           wire that initContainer into a RayService worker group
       fetch URL --into DIR     download, verify and unpack a published digest
       sas STORE_URL            a read-only SAS for the init container
+      gc STORE                 delete old digests and the blobs nothing kept needs
+      verify STORE             re-hash the store's blobs; --repair-from a local pack
       dockerfile PROFILE       the slim worker Dockerfile, under the disk budget
       build-image PROFILE      build (and push) that image through Docker
       split REQUIREMENTS       propose the light/heavy split of a requirements file
       check PATH...            find deployment mistakes in a repo
       doctor                   inspect a running worker container
       base-snapshot IMAGE      what a base image already has
+      ci azure-pipelines PROFILE...  a CI pipeline: check the locks, publish, hand over
     Exit status: 0 success, 1 a failure of the job, 2 bad input or usage.
     The design and the file formats: docs/design.md in the gpubuild repository.
     """

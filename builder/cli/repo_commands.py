@@ -50,9 +50,11 @@ def check_command(
       GB301 Flux $imagepolicy marker missing    GB302 marker names the wrong field
       GB401 pip at pod start, cache published   GB402 rm -rf protobuf/click hack
       GB403 numpy<2 re-install hack    GB404 unquoted < or > in pip install
+      GB405 SAS Secret, no rotation note        GB406 SAS written in the manifest
       GB501 ships protobuf>=5          GB502 ships click
       GB503 ships numpy>=2             GB504 shadows a base package
       GB601 GPU group, no nvidia.com/gpu limit  GB602 no nvidia.com/gpu toleration
+      GB701 publish-cache before resolve --check  GB702 DockerFiles entry missing
 
     \b
     Example:

@@ -16,7 +16,14 @@ from builder.cli.base import (
 )
 from builder.indexes import IndexSettings
 from builder.profile import load_profile
-from builder.resolve import ensure_lock, report_document, report_text
+from builder.resolve import (
+    check_document,
+    check_locks,
+    check_text,
+    ensure_lock,
+    report_document,
+    report_text,
+)
 
 
 @click.command("resolve")
@@ -36,12 +43,20 @@ from builder.resolve import ensure_lock, report_document, report_text
     show_default=True,
     help="Resolver. pip-tools works only when the target python and platform are the host's.",
 )
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Resolve nothing and write nothing: exit 0 when the lock is current for the profile,"
+    " its base snapshot and these options, 1 (saying what changed) when `resolve` would"
+    " rewrite it. No network.",
+)
 @index_options
 def resolve(
     profile: Path,
     lock_path: Path | None,
     as_json: bool,
     backend: str,
+    check: bool,
     settings: IndexSettings,
 ) -> None:
     """Resolve PROFILE's heavy set for its target against its base image and write the lock.
@@ -54,11 +69,27 @@ def resolve(
     changed since the last run: the lock is left untouched.
 
     \b
+    \b
+    --check (for CI, like `uv lock --check`): is the lock (and the light lock, when the
+    profile has a [light] set) what `resolve` with the same options would leave? Exit 1
+    with the reasons when the profile was edited, the snapshot changed, the lock is in
+    another format or was resolved with other options.
+
+    \b
     Example:
       gpubuild resolve profiles/onnx-gpu.toml
       gpubuild resolve profiles/torch-cu121.toml --index pytorch-cu121=default --json
+      gpubuild resolve profiles/onnx-gpu.toml --check
     """
     loaded = load_profile(profile)
+    if check:
+        checks = check_locks(loaded, settings=settings, lock_path=lock_path, backend=backend)
+        report(check_text(loaded, checks))
+        if as_json:
+            emit_json(check_document(checks))
+        if not all(c.current for c in checks):
+            raise click.exceptions.Exit(1)
+        return
     report(
         f"resolving {loaded.name} for python {loaded.target.python} on {loaded.target.platform} ..."
     )

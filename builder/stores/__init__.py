@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from builder.errors import BadInputError
 from builder.stores.azure import DEFAULT_CONCURRENCY, AzureStore
-from builder.stores.base import ProgressCallback, Store
+from builder.stores.base import BlobsVanished, ProgressCallback, Store, StoredBlob, StoredManifest
 from builder.stores.credentials import choose_credentials
 from builder.stores.file import FileStore
 from builder.stores.urls import (
@@ -24,11 +24,14 @@ from builder.stores.urls import (
 __all__ = [
     "AzureLocation",
     "AzureStore",
+    "BlobsVanished",
     "FileLocation",
     "FileStore",
     "OciLocation",
     "ProgressCallback",
     "Store",
+    "StoredBlob",
+    "StoredManifest",
     "default_store_url",
     "open_store",
     "parse_store_url",

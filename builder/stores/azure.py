@@ -15,11 +15,14 @@ from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import quote
 
 from builder.errors import BadInputError, StoreError
+from builder.fields import PROFILE_NAME, SHA256
 from builder.manifest import blob_key, manifest_key
 from builder.secrets import scrub
 from builder.stores.base import (
     ProgressCallback,
     Store,
+    StoredBlob,
+    StoredManifest,
     check_local_blob,
     check_sha256,
     file_size,
@@ -371,6 +374,89 @@ class AzureStore(Store):
                 return blob.download_blob().readall()
         except ResourceNotFoundError:
             raise self._not_published(profile, digest) from None
+
+    # -- maintenance
+
+    def _listing(self) -> Iterator[tuple[str, int, datetime]]:
+        """(name below the prefix, size, last modified) of every blob under the prefix."""
+        from azure.core.exceptions import ResourceNotFoundError
+
+        start = f"{self.prefix}/" if self.prefix else ""
+        try:
+            with self._errors("listing"):
+                for item in self._container.list_blobs(name_starts_with=start or None):
+                    yield item.name[len(start) :], int(item.size), item.last_modified
+        except ResourceNotFoundError:
+            return  # no container yet: nothing was ever published
+
+    def list_manifests(self) -> list[StoredManifest]:
+        found = []
+        for name, _size, modified in self._listing():
+            parts = name.split("/")
+            if (
+                len(parts) == 3
+                and parts[2] == "manifest.json"
+                and PROFILE_NAME.match(parts[0])
+                and SHA256.match(parts[1])
+            ):
+                found.append(StoredManifest(parts[0], parts[1], modified))
+        return found
+
+    def list_blobs(self) -> list[StoredBlob]:
+        found = []
+        for name, size, modified in self._listing():
+            folder, _, file = name.partition("/")
+            sha256 = file.removesuffix(".tar.zst")
+            if folder == "blobs" and file.endswith(".tar.zst") and SHA256.match(sha256):
+                found.append(StoredBlob(sha256, size, modified))
+        return found
+
+    def refresh_blob(self, sha256: str, *, older_than: datetime) -> bool:
+        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+
+        check_sha256(sha256)
+        blob = self._container.get_blob_client(self._name(blob_key(sha256)))
+        try:
+            with self._errors(
+                f"refreshing {blob_key(sha256)}", (ResourceNotFoundError, ResourceModifiedError)
+            ):
+                # Setting metadata gives the blob a new Last-Modified; the condition makes it
+                # one request, and a no-op for a blob that is recent already (HTTP 412).
+                blob.set_blob_metadata(
+                    {"gpubuild_refreshed": datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")},
+                    if_unmodified_since=older_than,
+                )
+        except ResourceModifiedError:
+            return True
+        except ResourceNotFoundError:
+            return False
+        return True
+
+    def delete_blob(self, sha256: str, *, unmodified_since: datetime) -> bool:
+        from azure.core.exceptions import ResourceModifiedError, ResourceNotFoundError
+
+        check_sha256(sha256)
+        blob = self._container.get_blob_client(self._name(blob_key(sha256)))
+        try:
+            with self._errors(
+                f"deleting {blob_key(sha256)}", (ResourceNotFoundError, ResourceModifiedError)
+            ):
+                # The service tests the time and deletes in one step: a publisher's refresh
+                # that lands first makes this a 412, never a deleted blob under its manifest.
+                blob.delete_blob(if_unmodified_since=unmodified_since)
+        except (ResourceModifiedError, ResourceNotFoundError):
+            return False
+        return True
+
+    def delete_manifest(self, profile: str, digest: str) -> None:
+        from azure.core.exceptions import ResourceNotFoundError
+
+        blob = self._container.get_blob_client(self._name(manifest_key(profile, digest)))
+        with (
+            contextlib.suppress(ResourceNotFoundError),
+            self._errors(f"deleting {manifest_key(profile, digest)}"),
+        ):
+            blob.delete_blob()
 
     def _unexpected(self, action: str, exc: Exception) -> StoreError:
         code = _error_code(exc) or type(exc).__name__

@@ -4,12 +4,19 @@ Layout, the same in every kind: `PREFIX/blobs/<sha256>.tar.zst` (shared by every
 `PREFIX/<profile>/<digest>/manifest.json` (docs/design.md#stores). Blobs are content-addressed,
 so writing one that is already there is a no-op, and two publishers writing the same blob at
 once both succeed. Secrets never reach an exception message, `str(store)` or `display_url`.
+
+Maintenance (`gpubuild gc`, `gpubuild verify`) adds listing and deleting. Deleting a blob is
+conditional on its time (`delete_blob(unmodified_since=...)`), and a publisher refreshes the
+time of every old blob it reuses (`refresh_blob`) before it writes a manifest: that pair is
+what keeps gc from deleting a blob under a concurrent publish (docs/design.md#garbage-collection).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote
@@ -22,6 +29,41 @@ ProgressCallback = Callable[[int], None]
 """Called with the number of bytes newly written since the previous call (a delta)."""
 
 COPY_CHUNK = 4 * 1024 * 1024
+# The publisher's side of gc's safety rule (docs/design.md#garbage-collection): right before a
+# manifest is written, every blob it names has a time no older than BLOB_FRESHNESS (an older one
+# is refreshed, a vanished one uploaded again), and the manifest is written within
+# MANIFEST_DEADLINE of that check. gc deletes only blobs older than its grace period, which is
+# safe while a publisher runs when the grace is at least SAFE_GC_GRACE.
+BLOB_FRESHNESS = timedelta(minutes=10)
+MANIFEST_DEADLINE = timedelta(minutes=5)
+SAFE_GC_GRACE = BLOB_FRESHNESS + MANIFEST_DEADLINE
+# The time a store reports for something it cannot date (a registry's images published before
+# gpubuild recorded publish times): older than anything, so it is the first to go.
+UNDATED = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class StoredManifest:
+    """A published digest as a store lists it; `published`: when its manifest was written."""
+
+    profile: str
+    digest: str
+    published: datetime
+
+
+@dataclass(frozen=True)
+class StoredBlob:
+    """A blob as a store lists it; `modified`: its time (written or refreshed), None when the
+    store keeps no time for blobs (a registry)."""
+
+    sha256: str
+    bytes: int
+    modified: datetime | None
+
+
+class BlobsVanished(StoreError):
+    """The store refused a manifest because blobs it names are gone (a registry checks them):
+    the publisher uploads them again and retries."""
 
 
 def check_sha256(sha256: str) -> None:
@@ -43,10 +85,12 @@ def check_local_blob(path: Path, sha256: str) -> None:
 
 
 class Store:
-    """Where shards and manifests live. Subclasses: FileStore, AzureStore."""
+    """Where shards and manifests live. Subclasses: FileStore, AzureStore, OciStore."""
 
     display_url: str  # for messages: never holds a secret
     base_url: str  # the folder that holds blobs/, as the init script reads it (no secret)
+    # Whether blobs carry a time that a conditional delete can test (a registry's do not).
+    keeps_blob_times: bool = True
 
     def __str__(self) -> str:
         return self.display_url
@@ -137,6 +181,34 @@ class Store:
         """What pods name to get this digest other than the store's URL (a registry's image
         references by digest), by what each is for; none for a folder or a container."""
         return {}
+
+    # -- maintenance: listing, refreshing and deleting (gc, verify)
+
+    def list_manifests(self) -> list[StoredManifest]:
+        """Every published digest of every profile, with when it was published."""
+        raise NotImplementedError
+
+    def list_blobs(self) -> list[StoredBlob]:
+        """Every blob the store holds (a registry: every blob its images name)."""
+        raise NotImplementedError
+
+    def blobs_of(self, manifest: Manifest) -> frozenset[str]:
+        """The sha256 of every blob that the published `manifest` needs in this store."""
+        return frozenset(shard.sha256 for shard in manifest.shards)
+
+    def refresh_blob(self, sha256: str, *, older_than: datetime) -> bool:
+        """Give the blob a new time when its time is before `older_than`; False when the store
+        has no such blob (it was deleted: upload it again)."""
+        raise NotImplementedError
+
+    def delete_blob(self, sha256: str, *, unmodified_since: datetime) -> bool:
+        """Delete the blob only when its time is still at or before `unmodified_since`, decided
+        by the store at the moment of deleting; False when it was refreshed since, or is gone."""
+        raise NotImplementedError
+
+    def delete_manifest(self, profile: str, digest: str) -> None:
+        """Unpublish a digest; nothing happens when it is already gone."""
+        raise NotImplementedError
 
     def blob_url(self, sha256: str) -> str:
         return f"{self.base_url}/{quote(blob_key(sha256))}"

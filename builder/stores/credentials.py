@@ -262,10 +262,11 @@ def credential_hint(credentials: AzureCredentials) -> str:
     if credentials.kind == "sas":
         return (
             f"check that {credentials.source} was made for this account and container, has the "
-            "permissions this needs (read to install; create and write to publish) and has not "
-            "expired (se=)"
+            "permissions this needs (read to install; create and write to publish; list to "
+            "verify; list and delete for gc) and has not expired (se=)"
         )
     return (
         "check that `az login` (or the workload identity) is signed in to the right tenant and "
-        "has a Storage Blob Data role (Reader to install, Contributor to publish) on the account"
+        "has a Storage Blob Data role (Reader to install and verify, Contributor to publish and"
+        " gc) on the account"
     )

@@ -15,6 +15,8 @@ OAuth2 refresh token, which is how `az acr login` leaves ACR credentials).
 Layout: every shard is a layer blob under its sha256; the image manifests are tagged
 `<profile>-<digest16>` (and `...-copy` for the init-copy image) and always referenced by
 their own digest in what gpubuild generates. A manifest is pushed after every blob it names.
+A third, tiny manifest tagged `...-published` records when the digest was published (the
+images themselves are reproducible, and a registry dates nothing): gc orders digests by it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import io
 import json
 import os
 import re
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 from urllib.parse import urljoin
@@ -47,8 +50,12 @@ from builder.ociimage import (
 )
 from builder.secrets import register, scrub
 from builder.stores.base import (
+    UNDATED,
+    BlobsVanished,
     ProgressCallback,
     Store,
+    StoredBlob,
+    StoredManifest,
     check_local_blob,
     check_sha256,
     file_size,
@@ -62,11 +69,20 @@ _READ_TIMEOUT_S = 300
 _ACCEPT = ", ".join([IMAGE_MANIFEST, "application/vnd.docker.distribution.manifest.v2+json"])
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
+# The publish record: an OCI artifact whose config is the empty descriptor's `{}`.
+_EMPTY = Blob("application/vnd.oci.empty.v1+json", b"{}")
+_RECORD_TYPE = "application/vnd.gpubuild.published.v1"
+_PUBLISHED = "dev.gpubuild.published"
+_RECORD_SUFFIX = "-published"
+_HEAVY_TAG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*-[0-9a-f]{16}$")
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 
 class OciStore(Store):
     """A repository in an OCI registry. `copier`: a static busybox for the init-copy image
     (None: only the heavy image is pushed)."""
+
+    keeps_blob_times = False  # the distribution API dates nothing
 
     def __init__(
         self,
@@ -83,6 +99,7 @@ class OciStore(Store):
         self._session = requests.Session()
         self._session.headers["User-Agent"] = f"gpubuild/{builder.__version__}"
         self._authorization: str | None = None
+        self._listed: dict[str, StoredManifest | None] = {}  # heavy tag -> what it holds
 
     # -- HTTP, authentication and errors
 
@@ -200,13 +217,7 @@ class OciStore(Store):
 
     def _refused(self, response: requests.Response, action: str) -> StoreError:
         status = response.status_code
-        codes = ""
-        try:
-            errors = response.json().get("errors") or []
-            codes = ", ".join(str(e.get("code")) for e in errors if isinstance(e, dict))
-        except (ValueError, AttributeError):
-            pass
-        response.close()
+        codes = ", ".join(_error_codes(response))
         if status == 401:
             return self._credentials_refused(status)
         if status == 403:
@@ -247,9 +258,12 @@ class OciStore(Store):
         *,
         overwrite: bool = False,
     ) -> bool:
-        # A registry checks every blob's digest as it is committed: one present is intact.
+        # A registry checks every blob's digest as it is committed: one present is intact,
+        # unless its storage was damaged since; `overwrite` deletes that copy first.
         size = file_size(path)
-        if self.has_blob(sha256) == size:
+        if overwrite:
+            self._delete(self._blob_url(f"sha256:{sha256}"), "deleting a blob of")
+        elif self.has_blob(sha256) == size:
             return False
         check_local_blob(path, sha256)
         with path.open("rb") as source:
@@ -424,14 +438,33 @@ class OciStore(Store):
                 self._put_bytes(blob)
             self._put_bytes(image.config)
             # Last: a reader that finds the tag finds every blob it names.
-            self._request(
-                "PUT",
-                self._manifest_url(tag),
-                headers={"Content-Type": IMAGE_MANIFEST},
-                data=image.manifest,
-                expect=(201,),
-                action="pushing the image manifest to",
-            ).close()
+            self._put_image(tag, image.manifest)
+        self._put_bytes(_EMPTY)
+        self._put_image(f"{image_tag(profile, digest)}{_RECORD_SUFFIX}", _record(manifest))
+
+    def _put_image(self, tag: str, data: bytes) -> None:
+        response = self._request(
+            "PUT",
+            self._manifest_url(tag),
+            headers={"Content-Type": IMAGE_MANIFEST},
+            data=data,
+            expect=(201,),
+            allow=(400,),
+            action="pushing the image manifest to",
+        )
+        if response.status_code == 201:
+            response.close()
+            return
+        codes = _error_codes(response)
+        if "MANIFEST_BLOB_UNKNOWN" in codes or "BLOB_UNKNOWN" in codes:
+            # The registry checks every blob a manifest names: one deleted (by gc) after this
+            # publish saw it is refused here, and the publisher uploads it again.
+            raise BlobsVanished(
+                f"{self.display_url}:{tag}: the registry no longer has a blob this image names"
+            )
+        raise StoreError(
+            f"pushing the image manifest to {self.display_url} failed: HTTP 400 {', '.join(codes)}"
+        )
 
     def _image(self, manifest: Manifest, copier: Blob | None = None) -> Image:
         return build_image(manifest, version=builder.__version__, copier=copier)
@@ -445,11 +478,170 @@ class OciStore(Store):
                 found[label] = f"{self.location.registry}/{self.location.repository}@{image[1]}"
         return found
 
+    # -- maintenance
+
+    def _tags(self) -> list[str]:
+        """Every tag of the repository, page by page (the registry's Link header)."""
+        tags: list[str] = []
+        url: str | None = f"{self.location.api}/tags/list?n=1000"
+        while url:
+            response = self._request(
+                "GET", url, stream=True, allow=(404,), action="listing the tags of"
+            )
+            if response.status_code == 404:  # no such repository yet: nothing published
+                response.close()
+                return []
+            following = response.links.get("next", {}).get("url")
+            data = _read_limited(response, 16 * 1024 * 1024, f"{self.display_url} tag list")
+            try:
+                page = json.loads(data).get("tags") or []
+            except (ValueError, AttributeError):
+                page = None
+            if not isinstance(page, list):
+                raise StoreError(f"{self.display_url}: the registry's tag list is not one")
+            tags.extend(tag for tag in page if isinstance(tag, str))
+            url = urljoin(url, following) if following else None
+        return tags
+
+    def list_manifests(self) -> list[StoredManifest]:
+        """One request for the tags, then two for each heavy image not seen before by this
+        store object (gc lists again before every delete: that must stay cheap)."""
+        tags = self._tags()
+        present = set(tags)
+        found = []
+        for tag in tags:
+            if not _HEAVY_TAG.match(tag):
+                continue
+            if tag not in self._listed:
+                self._listed[tag] = self._stored_manifest(tag, f"{tag}{_RECORD_SUFFIX}" in present)
+            entry = self._listed[tag]
+            if entry is not None:
+                found.append(entry)
+        return found
+
+    def _stored_manifest(self, tag: str, recorded: bool) -> StoredManifest | None:
+        image = self._get_image(tag)
+        annotations = _annotations(image[0] if image else {})
+        profile = str(annotations.get("dev.gpubuild.profile", ""))
+        digest = str(annotations.get("dev.gpubuild.digest", ""))
+        if image_tag(profile, digest) != tag:
+            return None  # not gpubuild's, or not the heavy image of what it says it is
+        record = self._get_image(f"{tag}{_RECORD_SUFFIX}") if recorded else None
+        return StoredManifest(profile, digest, _published_at(record[0] if record else {}))
+
+    def _image_blobs(self, tag: str) -> dict[str, int]:
+        """sha256 -> size of the config and every layer of the image at `tag` (none: {})."""
+        found = self._get_image(tag)
+        blobs: dict[str, int] = {}
+        if found is None:
+            return blobs
+        layers = found[0].get("layers")
+        descriptors = [found[0].get("config"), *(layers if isinstance(layers, list) else [])]
+        for descriptor in descriptors:
+            if not isinstance(descriptor, dict):
+                continue
+            digest, size = str(descriptor.get("digest", "")), descriptor.get("size")
+            if digest.startswith("sha256:") and isinstance(size, int):
+                blobs[digest.removeprefix("sha256:")] = size
+        return blobs
+
+    def list_blobs(self) -> list[StoredBlob]:
+        blobs: dict[str, int] = {}
+        for tag in self._tags():
+            if _HEAVY_TAG.match(tag) or (tag.endswith("-copy") and _HEAVY_TAG.match(tag[:-5])):
+                blobs.update(self._image_blobs(tag))
+        return [StoredBlob(sha256, size, None) for sha256, size in sorted(blobs.items())]
+
+    def blobs_of(self, manifest: Manifest) -> frozenset[str]:
+        heavy = image_tag(manifest.profile, manifest.digest)
+        copy = image_tag(manifest.profile, manifest.digest, copy=True)
+        return frozenset(
+            {*super().blobs_of(manifest), *self._image_blobs(heavy), *self._image_blobs(copy)}
+        )
+
+    def refresh_blob(self, sha256: str, *, older_than: datetime) -> bool:
+        return self.has_blob(sha256) is not None
+
+    def delete_blob(self, sha256: str, *, unmodified_since: datetime) -> bool:
+        # No time to test: gc looks at the tags again right before it calls this.
+        check_sha256(sha256)
+        return self._delete(self._blob_url(f"sha256:{sha256}"), "deleting a blob of")
+
+    def delete_manifest(self, profile: str, digest: str) -> None:
+        tag = image_tag(profile, digest)
+        for reference in (f"{tag}{_RECORD_SUFFIX}", image_tag(profile, digest, copy=True), tag):
+            response = self._request(
+                "HEAD",
+                self._manifest_url(reference),
+                headers={"Accept": _ACCEPT},
+                allow=(404,),
+                action="reading an image manifest of",
+            )
+            response.close()
+            manifest_digest = response.headers.get("Docker-Content-Digest", "")
+            if response.status_code == 404 or not manifest_digest.startswith("sha256:"):
+                continue
+            # By digest: the API deletes a manifest, and with it the tags that name it.
+            self._delete(self._manifest_url(manifest_digest), "deleting an image manifest of")
+
+    def _delete(self, url: str, action: str) -> bool:
+        response = self._request("DELETE", url, expect=(202,), allow=(404, 405), action=action)
+        response.close()
+        if response.status_code == 405:
+            raise StoreError(
+                f"{action} {self.display_url}: the registry does not allow deleting (HTTP 405);"
+                " turn it on (the CNCF registry: storage.delete.enabled: true)"
+            )
+        return response.status_code == 202
+
     def manifest_url(self, profile: str, digest: str) -> str:
         return f"{self.display_url}:{image_tag(profile, digest)}"
 
     def blob_url(self, sha256: str) -> str:
         return f"{self.display_url}@sha256:{sha256}"
+
+
+def _record(manifest: Manifest) -> bytes:
+    """The publish record: an empty artifact whose annotation is the time of publishing."""
+    document = {
+        "schemaVersion": 2,
+        "mediaType": IMAGE_MANIFEST,
+        "artifactType": _RECORD_TYPE,
+        "config": {"mediaType": _EMPTY.media_type, "digest": _EMPTY.digest, "size": 2},
+        "layers": [],
+        "annotations": {
+            "dev.gpubuild.profile": manifest.profile,
+            "dev.gpubuild.digest": manifest.digest,
+            _PUBLISHED: datetime.now(timezone.utc).strftime(_TIME_FORMAT),
+        },
+    }
+    return json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _published_at(record: dict[str, Any]) -> datetime:
+    """The time a publish record holds; UNDATED when it holds none that reads."""
+    text = _annotations(record).get(_PUBLISHED)
+    try:
+        return datetime.strptime(str(text), _TIME_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError:
+        return UNDATED
+
+
+def _annotations(document: dict[str, Any]) -> dict[str, Any]:
+    """An image manifest's annotations; none when the registry served something else there."""
+    annotations = document.get("annotations")
+    return annotations if isinstance(annotations, dict) else {}
+
+
+def _error_codes(response: requests.Response) -> list[str]:
+    """The distribution API's error codes in a refusal (none when the body is not that)."""
+    try:
+        errors = response.json().get("errors") or []
+        return [str(e.get("code")) for e in errors if isinstance(e, dict)]
+    except (ValueError, AttributeError, TypeError):
+        return []
+    finally:
+        response.close()
 
 
 def _read_limited(response: requests.Response, limit: int, what: str) -> bytes:

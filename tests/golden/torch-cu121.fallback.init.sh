@@ -9,7 +9,10 @@
 #   GPUBUILD_SAS        a SAS token appended to every blob URL (never printed)
 #   GPUBUILD_SAS_FILE   a file holding the SAS token (a mounted Secret)
 #   GPUBUILD_PARALLEL   shards downloaded at once (default: one per core, at most 8)
-#   GPUBUILD_RETRIES    download attempts per shard (default 5)
+#   GPUBUILD_RETRIES    download attempts per shard (default 5); between two, a wait drawn at
+#                       random from 0 to 1, 2, 4 ... 30 s (full jitter, so that many pods
+#                       throttled at once do not come back at once), after what the store's
+#                       Retry-After asked for (at most 300 s)
 #   GPUBUILD_STALL_SECONDS  abort an attempt that moves under 1 KB/s this long (default 60;
 #                       curl averages over its last ~5 s, so a stall shows a little later)
 #   GPUBUILD_PYTHON     the interpreter for the pip fallback, when one is built in
@@ -58,6 +61,13 @@ readonly TOTAL_BYTES=17119
 readonly TOTAL_RAW_BYTES=85119
 readonly TOTAL_FILES=379
 readonly FALLBACK=pip
+# Retries: a random wait in [0, min(BACKOFF_CAP_MS, BACKOFF_BASE_MS * 2^(attempt-1))], after
+# the Retry-After the store sent (capped: a hostile header must not park the pod for hours).
+readonly BACKOFF_BASE_MS=1000
+readonly BACKOFF_CAP_MS=30000
+readonly RETRY_AFTER_MAX=300
+# A SAS that runs out within this many seconds is warned about on every run.
+readonly SAS_WARN_SECONDS=$(( 7 * 86400 ))
 
 # One line per shard, largest first: sha256 (of the .tar.zst), bytes, files, packages.
 shard_table() {
@@ -472,7 +482,7 @@ read_settings() {
 
 check_tools() {
   local tool missing=()
-  for tool in curl zstd tar sha256sum flock find grep df date sleep sed stat chmod; do
+  for tool in curl zstd tar sha256sum flock find grep df date sleep sed stat chmod cut tr tail; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
   done
   if (( ${#missing[@]} )); then
@@ -484,6 +494,52 @@ check_tools() {
   if command -v openssl >/dev/null 2>&1 \
     && [[ $(openssl dgst -sha256 -r </dev/null 2>/dev/null) == e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855* ]]; then
     HASHER=(openssl dgst -sha256 -r)
+  fi
+}
+
+# "3 days 4 hours", "5 hours 12 minutes", "40 minutes" (whole units, rounded down).
+format_duration() {
+  local seconds=$1
+  if (( seconds >= 86400 )); then
+    printf '%d days %d hours' $(( seconds / 86400 )) $(( seconds % 86400 / 3600 ))
+  elif (( seconds >= 3600 )); then
+    printf '%d hours %d minutes' $(( seconds / 3600 )) $(( seconds % 3600 / 60 ))
+  else
+    printf '%d minutes' $(( seconds / 60 ))
+  fi
+}
+
+# How long the SAS stays valid, from its se= field; only the parsed time is printed, never
+# the token. Under 7 days is a warning: the Secret must be renewed before pods stop starting.
+report_sas_expiry() {
+  [[ -n $SAS ]] || return 0
+  local raw="" expiry now left
+  if [[ "&$SAS&" =~ \&se=([^\&]*)\& ]]; then
+    raw=${BASH_REMATCH[1]}
+  fi
+  if [[ -z $raw ]]; then
+    log "note: the SAS from $SAS_SOURCE names no expiry (se=); a stored access policy may set one"
+    return 0
+  fi
+  # Percent-decoding: 2024-05-01T12%3A00%3A00Z; only digits, letters and -:.+ may remain.
+  raw=${raw//%3A/:}
+  raw=${raw//%3a/:}
+  raw=${raw//%2B/+}
+  raw=${raw//%2b/+}
+  if [[ ! $raw =~ ^[0-9A-Za-z:.+-]{1,40}$ ]] || ! expiry=$(date -u -d "$raw" +%s 2>/dev/null); then
+    log "WARNING: the expiry (se=) of the SAS from $SAS_SOURCE is not a date; check the token"
+    return 0
+  fi
+  now=$(date -u +%s)
+  left=$(( expiry - now ))
+  local until
+  until=$(date -u -d "@$expiry" +%Y-%m-%dT%H:%M:%SZ)
+  if (( left <= 0 )); then
+    log "WARNING: the SAS from $SAS_SOURCE expired at $until; make a new one (gpubuild sas) and update its Secret"
+  elif (( left < SAS_WARN_SECONDS )); then
+    log "WARNING: the SAS from $SAS_SOURCE expires in $(format_duration "$left") ($until): make a new one (gpubuild sas --expires-in) and update its Secret before then"
+  else
+    log "the SAS from $SAS_SOURCE is valid for $(format_duration "$left") (until $until)"
   fi
 }
 
@@ -665,9 +721,10 @@ download_failure() {
   esac
 }
 
-# Downloads shard $1 into $2, resuming a part that an earlier attempt left.
+# Downloads shard $1 into $2, resuming a part that an earlier attempt left; the response's
+# headers go to $5 (for Retry-After).
 download_shard() {
-  local sha=$1 part=$2 bytes=$3 err=$4 have rc=0
+  local sha=$1 part=$2 bytes=$3 err=$4 headers=$5 have rc=0
   have=$(file_size "$part")
   if (( have > bytes )); then
     rm -f -- "$part"
@@ -679,7 +736,7 @@ download_shard() {
   # curl's own --retry is not used: fetch_shard retries, with a message per attempt.
   curl --fail --silent --show-error --connect-timeout 15 \
     --speed-limit 1024 --speed-time "$STALL_SECONDS" "${resume[@]}" \
-    --config <(curl_config "$sha") --output "$part" 2>"$err" || rc=$?
+    --dump-header "$headers" --config <(curl_config "$sha") --output "$part" 2>"$err" || rc=$?
   if (( rc == 33 )); then
     # The server ignores Range requests: start this shard from its first byte.
     log "shard ${sha:0:12}: the store cannot resume a download; starting it again from 0"
@@ -687,7 +744,7 @@ download_shard() {
     rc=0
     curl --fail --silent --show-error --connect-timeout 15 \
       --speed-limit 1024 --speed-time "$STALL_SECONDS" \
-      --config <(curl_config "$sha") --output "$part" 2>"$err" || rc=$?
+      --dump-header "$headers" --config <(curl_config "$sha") --output "$part" 2>"$err" || rc=$?
   fi
   return "$rc"
 }
@@ -703,7 +760,7 @@ fetch_shard_once() {
     echo "fatal cannot create work files in $WORK"
     return 1
   fi
-  download_shard "$sha" "$part" "$bytes" "$dir/curl.err" || rc=$?
+  download_shard "$sha" "$part" "$bytes" "$dir/curl.err" "$dir/headers" || rc=$?
   if (( rc != 0 )); then
     download_failure "$sha" "$rc" "$dir/curl.err"
     return 1
@@ -738,10 +795,50 @@ fetch_shard_once() {
   return 0
 }
 
-# Every attempt at shard number $1; writes "$WORK/$1.result": "ok <ms>" or "<class> <message>".
+# The seconds a Retry-After header in the headers file $1 asks for (0 without one), at most
+# RETRY_AFTER_MAX; either form: seconds, or an HTTP date.
+retry_after_seconds() {
+  local value="" seconds=0
+  if [[ -f $1 ]]; then
+    value=$(grep -i '^retry-after:' "$1" | tail -n 1 | cut -d: -f2- | tr -d '\r') || value=""
+  fi
+  value=${value#"${value%%[![:space:]]*}"}
+  value=${value%"${value##*[![:space:]]}"}
+  if [[ $value =~ ^[0-9]{1,6}$ ]]; then
+    seconds=$(( 10#$value ))
+  elif [[ -n $value ]] && [[ $value =~ ^[A-Za-z0-9\ ,:-]{1,40}$ ]] && seconds=$(date -u -d "$value" +%s 2>/dev/null); then
+    seconds=$(( seconds - $(date -u +%s) ))
+  else
+    seconds=0
+  fi
+  (( seconds > 0 )) || seconds=0
+  (( seconds <= RETRY_AFTER_MAX )) || seconds=$RETRY_AFTER_MAX
+  printf '%d' "$seconds"
+}
+
+# A random number from 0 to $1: bash's 32-bit SRANDOM where it has one (5.1+), else RANDOM.
+random_upto() {
+  local value=${SRANDOM:-$(( (RANDOM << 15) | RANDOM ))}
+  printf '%d' $(( value % ($1 + 1) ))
+}
+
+# Milliseconds to wait after failed attempt $1 when the store asked for $2 seconds: full jitter
+# over an exponential window, so that pods throttled together spread out instead of coming
+# back in one wave.
+retry_delay_ms() {
+  local attempt=$1 after=$2 window=$BACKOFF_CAP_MS
+  if (( attempt <= 15 )); then
+    window=$(( BACKOFF_BASE_MS << (attempt - 1) ))
+    (( window <= BACKOFF_CAP_MS )) || window=$BACKOFF_CAP_MS
+  fi
+  printf '%d' $(( after * 1000 + $(random_upto "$window") ))
+}
+
+# Every attempt at shard number $1; writes "$WORK/$1.result": "ok <ms>" or "<class> <message>",
+# and "$WORK/$1.retries": how many attempts failed before the last.
 fetch_shard() {
   local index=$1 sha=${SHAS[$1]} bytes=${BYTES[$1]} files=${FILES[$1]}
-  local attempt=1 started outcome class message delay result
+  local attempt=1 started outcome class message after delay result
   while :; do
     started=$(now_ms)
     if outcome=$(fetch_shard_once "$sha" "$bytes" "$files"); then
@@ -762,12 +859,15 @@ fetch_shard() {
       fi
       break
     fi
-    delay=$(( 1 << (attempt - 1) ))
-    (( delay <= 30 )) || delay=30
-    log "shard ${sha:0:12}: attempt $attempt of $RETRIES failed: $message; trying again in ${delay}s"
-    sleep "$delay"
+    after=$(retry_after_seconds "$WORK/$sha/headers")
+    delay=$(retry_delay_ms "$attempt" "$after")
+    local waited=""
+    (( after == 0 )) || waited=" (the store asked for ${after} s: Retry-After)"
+    log "shard ${sha:0:12}: attempt $attempt of $RETRIES failed: $message; trying again in $(( delay / 1000 )).$(printf '%03d' $(( delay % 1000 ))) s$waited"
+    sleep "$(( delay / 1000 )).$(printf '%03d' $(( delay % 1000 )))"
     attempt=$(( attempt + 1 ))
   done
+  printf '%d\n' $(( attempt - 1 )) >"$WORK/$index.retries"
   printf '%s\n' "$result" >"$WORK/$index.result.tmp"
   mv -f -- "$WORK/$index.result.tmp" "$WORK/$index.result"
 }
@@ -833,7 +933,7 @@ count_of() {
 fetch_all() {
   FAILURE_CLASS=""
   FAILURE=""
-  local count=${#SHAS[@]} next=0 finished=0 finished_bytes=0 started last_beat now
+  local count=${#SHAS[@]} next=0 finished=0 finished_bytes=0 started last_beat now retried
   started=$(now_ms)
   last_beat=$started
   while (( finished < count )) && [[ -z $FAILURE_CLASS ]]; do
@@ -861,6 +961,12 @@ fetch_all() {
         stop_workers
         break
       fi
+      retried=0
+      if [[ -f $WORK/$index.retries ]]; then
+        read -r retried <"$WORK/$index.retries" || retried=0
+      fi
+      [[ $retried =~ ^[0-9]{1,6}$ ]] || retried=0
+      RETRIED=$(( RETRIED + retried ))
       finished=$(( finished + 1 ))
       finished_bytes=$(( finished_bytes + BYTES[index] ))
       log "shard $finished/$count done: ${LABELS[$index]} $(format_mb "${BYTES[$index]}"), $(count_of "${FILES[$index]}" file) in $(format_seconds "$rest") ($(format_rate "${BYTES[$index]}" "$rest"))"
@@ -983,6 +1089,7 @@ fallback_pip() {
 declare -A WORKERS=()
 declare -a SHAS=() BYTES=() FILES=() LABELS=()
 WORK=""
+RETRIED=0
 
 cleanup() {
   local code=$?
@@ -1021,6 +1128,7 @@ main() {
   trap 'log "stopped by a signal"; exit 143' INT TERM
   read_settings
   check_tools
+  report_sas_expiry
   take_lock
   recover
   local pip_installed=no
@@ -1072,8 +1180,10 @@ main() {
     write_marker "verified-$DIGEST" "$source"
   fi
   local fetched=$(( $(now_ms) - fetch_started ))
+  local retried_text="$RETRIED retries"
+  (( RETRIED != 1 )) || retried_text="1 retry"
   switch_live "$source"
-  log "done: $PROFILE $DIGEST installed in $TARGET from the $source: $(format_mb "$TOTAL_BYTES") in $(count_of "$SHARD_COUNT" shard), $(count_of "$TOTAL_FILES" file); $(format_seconds $(( $(now_ms) - started ))) in all ($(format_rate "$TOTAL_BYTES" "$fetched") download and unpack)"
+  log "done: $PROFILE $DIGEST installed in $TARGET from the $source: $(format_mb "$TOTAL_BYTES") in $(count_of "$SHARD_COUNT" shard), $(count_of "$TOTAL_FILES" file); $(format_seconds $(( $(now_ms) - started ))) in all ($(format_rate "$TOTAL_BYTES" "$fetched") download and unpack; $retried_text)"
 }
 
 main "$@"

@@ -10,6 +10,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from builder.backends import Job, constraint_lines, explain_conflict, project_toml
 from builder.base import BaseSnapshot, parse_snapshot
@@ -22,7 +24,7 @@ from builder.manifest import Manifest, Shard, manifest_from_bytes, manifest_to_b
 from builder.profile import Index, Policy, Profile, Target
 from builder.resolve import inputs_digest, partition
 from builder.secrets import redact_url, scrub
-from builder.tree import Ownership, plan_shards
+from builder.tree import Ownership, plan_shards, split_paths
 from builder.units import megabytes, parse_duration, plural
 
 SNAPSHOT = BaseSnapshot(
@@ -179,6 +181,50 @@ def test_large_distributions_get_a_shard_of_their_own() -> None:
     assert sorted(path for p in plans for path in p.paths) == sorted(sizes)  # each once
     # Files several distributions claim go to one shard of their own, packed once.
     assert [p.paths for p in plans].count(("shared.txt",)) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=0, max_value=5000), min_size=1, max_size=40),
+    bound=st.integers(min_value=1, max_value=4000),
+)
+def test_a_giant_distribution_is_split_by_whole_files_under_the_bound(
+    sizes: list[int], bound: int
+) -> None:
+    paths = [f"giant/f{n:03d}.so" for n in range(len(sizes))]
+    file_sizes = dict(zip(paths, sizes, strict=True))
+    parts = split_paths(paths, file_sizes, bound)
+    assert sorted(p for part in parts for p in part) == paths  # every file once
+    for part in parts:
+        # Under the bound, but for a file larger than it alone.
+        assert sum(file_sizes[p] for p in part) <= bound or len(part) == 1
+        assert part == sorted(part)
+    total = sum(sizes)
+    if total <= bound:
+        assert parts == [paths]
+    else:
+        alone = sum(1 for size in sizes if size > bound)
+        rest = total - sum(size for size in sizes if size > bound)
+        # Never much more than the fewest parts that could hold the rest.
+        assert len(parts) - alone <= 2 * -(-rest // bound) + 1
+    assert split_paths(paths, file_sizes, bound) == parts  # reproducible
+
+
+def test_splitting_one_distribution_never_moves_another_ones_shards() -> None:
+    owned = {
+        "giant": tuple(f"giant/lib{n}.so" for n in range(6)),
+        "other": ("other/a.so", "other/b.so"),
+    }
+    sizes = {**{p: 400 for p in owned["giant"]}, "other/a.so": 700, "other/b.so": 700}
+    before = plan_shards(Ownership(owned, {}, ()), sizes, 100, split_bytes=1000)
+    giant = [p.paths for p in before if p.packages == ("giant",)]
+    assert len(giant) == 3 and all(len(paths) == 2 for paths in giant)
+    sizes |= {"other/a.so": 900, "other/c.so": 50}  # "other" upgraded: bigger, one more file
+    upgraded = plan_shards(
+        Ownership({**owned, "other": (*owned["other"], "other/c.so")}, {}, ()),
+        sizes, 100, split_bytes=1000,
+    )  # fmt: skip
+    assert [p.paths for p in upgraded if p.packages == ("giant",)] == giant
 
 
 def manifest(**changes: object) -> Manifest:
