@@ -384,14 +384,37 @@ def _shard_of(members: list[tarfile.TarInfo], store: Path) -> Shard:
     )
 
 
-def test_a_symlink_in_one_shard_cannot_carry_another_out_of_staging(
+def test_without_bsdtar_zstd_and_gnu_tar_unpack_the_same_tree(
     artifacts: Artifacts, tmp_path: Path
 ) -> None:
-    """Shards extract in parallel into one tree: a link from one must not lead another out."""
+    """bsdtar (in-process zstd) when the image has it, zstd | GNU tar otherwise: same set."""
+    script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
+    trees = {}
+    for extractor, env in (
+        ("bsdtar", {}),
+        ("zstd | GNU tar", {"PATH": _path_without(tmp_path, "bsdtar")}),
+    ):
+        target = tmp_path / f"vol-{extractor.split()[0]}"
+        target.mkdir()
+        result = run_init(script, target, env)
+        assert result.returncode == 0, result.stderr
+        assert f"unpacking with {extractor}" in result.stderr
+        assert_installed(target, artifacts.a)
+        trees[extractor] = tree_state(target)
+    assert trees["bsdtar"] == trees["zstd | GNU tar"]
+
+
+@pytest.mark.parametrize("extractor", ["bsdtar", "gnu"])
+def test_a_symlink_in_one_shard_cannot_carry_another_out_of_staging(
+    artifacts: Artifacts, tmp_path: Path, extractor: str
+) -> None:
+    """Shards extract in parallel into one tree: a link from one must not lead another out,
+    with either extractor."""
+    env = {} if extractor == "bsdtar" else {"PATH": _path_without(tmp_path, "bsdtar")}
     target = tmp_path / "vol"
     target.mkdir()
     url = artifacts.store.as_uri()
-    assert run_init(write_script(tmp_path, artifacts.a.manifest, url), target).returncode == 0
+    assert run_init(write_script(tmp_path, artifacts.a.manifest, url), target, env).returncode == 0
     before = tree_state(target)
 
     store = tmp_path / "evil-store"
@@ -405,7 +428,7 @@ def test_a_symlink_in_one_shard_cannot_carry_another_out_of_staging(
     evil = dataclasses.replace(artifacts.a.manifest, digest="e" * 64, shards=shards, directories=())
     # The links come first, then the files through them, one at a time so the order holds.
     result = run_init(
-        write_script(tmp_path, evil, store.as_uri()), target, {"GPUBUILD_PARALLEL": "1"}
+        write_script(tmp_path, evil, store.as_uri()), target, {"GPUBUILD_PARALLEL": "1", **env}
     )
     assert not (target / "PWNED").exists() and not (target / STATE / "PWNED").exists()
     assert not list(tmp_path.glob("**/PWNED")) or all(
@@ -1330,6 +1353,7 @@ def test_dockerfile_init_image_installs_from_azurite(
                 container.remove(force=True)
             assert status["StatusCode"] == 0, logs[-1]
         assert "[gpubuild-init] done: " in logs[0]
+        assert "unpacking with bsdtar" in logs[0]  # the image's tools: the in-process extractor
         assert "already installed" in logs[1]
         assert_no_secret(azure_store.sas, *logs)
         assert_installed(volume, artifacts.a)

