@@ -6,9 +6,9 @@ The profile's lock is resolved into bench/work/pack/ (the repository's lock is l
 materialised and fixed once, exactly as `gpubuild pack` does. Then, alternating, each method
 writes the whole tree from the page cache (one warm-up run each first):
 
-- gpubuild: `write_artifact` (reproducible tars, zstd level 3, sha256 of tar and shard, shards
+- gpubuild: `write_artifact` (reproducible tars, zstd at the pack level, sha256 of tar and shard, shards
   written concurrently, each fsynced and renamed into place);
-- tar|zstd: `tar -c -C TREE . | zstd -T0 -3` into one file (no hashing, no fsync).
+- tar|zstd: `tar -c -C TREE . | zstd -T0 -LEVEL` (the same level) into one file (no hashing, no fsync).
 
 Throughput is MB/s of the raw tree (the sum of file sizes). The table shows medians and the
 ratio gpubuild / tar|zstd (above 1: gpubuild is faster). Results go to bench/results/pack.json.

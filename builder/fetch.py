@@ -26,7 +26,6 @@ from builder.errors import BadInputError, IntegrityError
 from builder.fields import SHA256, relative_path_problem
 from builder.manifest import Manifest, Shard
 from builder.progress import Progress, silent
-from builder.secrets import redact_url
 from builder.stores import Store, open_store
 from builder.stores.urls import parse_oci_url
 from builder.units import megabytes, plural
@@ -79,17 +78,35 @@ class _HashingReader:
         return data
 
 
-def _damaged(shard: Shard, why: str) -> IntegrityError:
-    return IntegrityError(
-        f"shard {shard.sha256[:16]} is damaged ({why}): delete blobs/{shard.sha256}.tar.zst"
-        " from the store, then publish the profile again (gpubuild publish-cache --repair)"
+def repair_advice(store: Store, shard: Shard) -> str:
+    """What fixes a shard whose bytes in `store` are not its digest, for that kind of store.
+
+    A folder or a container overwrites a blob; a registry keeps one copy per digest and takes
+    an upload of the same digest as already there, so only its garbage collection removes it."""
+    if store.display_url.startswith(("oci://", "oci+http://")):
+        return (
+            f"the registry serves other bytes under layer sha256:{shard.sha256[:16]}..., and"
+            " a registry cannot replace a blob: delete the images that name it (gpubuild gc,"
+            " or the registry's tools), let the registry's garbage collection remove it, then"
+            " publish the profile again; or look for a proxy that rewrites downloads"
+        )
+    return (
+        f"delete blobs/{shard.sha256}.tar.zst from the store, then publish the profile again"
+        " (gpubuild publish-cache --repair)"
     )
 
 
-def check_member(member: tarfile.TarInfo, shard: Shard) -> None:
-    """What a shard may hold: regular files, folders and symlinks, by relative names without
-    `..`, links that stay inside (no absolute target, no `..`). The init script refuses the
-    same; with these rules no chain of links can lead out of the tree."""
+def _damaged(store: Store, shard: Shard, why: str) -> IntegrityError:
+    return IntegrityError(
+        f"shard {shard.sha256[:16]} is damaged ({why}): {repair_advice(store, shard)}"
+    )
+
+
+def member_problem(member: tarfile.TarInfo) -> str | None:
+    """Why a shard may not hold `member`, or None. A shard holds regular files, folders and
+    symlinks, by relative names without `..` or whiteouts (`.wh.*`), links that stay inside
+    (no absolute target, no `..`). The init script refuses the same; with these rules no
+    chain of links can lead out of the tree."""
     name = member.name
     kind = (
         "file"
@@ -100,15 +117,21 @@ def check_member(member: tarfile.TarInfo, shard: Shard) -> None:
         if member.issym()
         else None
     )
-    problem = None
     if kind is None:
-        problem = "is neither a file, a folder nor a symlink"
-    elif relative_path_problem(name.rstrip("/")) is not None:
-        problem = f"has an unsafe name ({relative_path_problem(name.rstrip('/'))})"
-    elif kind == "link" and (member.linkname.startswith("/") or ".." in member.linkname.split("/")):
-        problem = f"is a link that could lead out of the tree (-> {member.linkname[:80]!r})"
+        return "is neither a file, a folder nor a symlink"
+    unsafe = relative_path_problem(name.rstrip("/"))
+    if unsafe is not None:
+        return f"has an unsafe name ({unsafe})"
+    if kind == "link" and (member.linkname.startswith("/") or ".." in member.linkname.split("/")):
+        return f"is a link that could lead out of the tree (-> {member.linkname[:80]!r})"
+    return None
+
+
+def check_member(member: tarfile.TarInfo, shard: Shard, store: Store) -> None:
+    """Refuse a member of a shard from `store` before it is extracted."""
+    problem = member_problem(member)
     if problem:
-        raise _damaged(shard, f"member {name[:80]!r} {problem}")
+        raise _damaged(store, shard, f"member {member.name[:80]!r} {problem}")
 
 
 def download_verified(store: Store, shard: Shard, folder: Path) -> Path:
@@ -132,13 +155,12 @@ def download_verified(store: Store, shard: Shard, folder: Path) -> Path:
         raise IntegrityError(
             f"shard {shard.sha256[:16]}: got {size} bytes with sha256 {digest.hexdigest()[:16]},"
             f" expected {shard.bytes} bytes with {shard.sha256[:16]}; the copy in the store is"
-            f" damaged or was replaced: delete blobs/{shard.sha256}.tar.zst from the store,"
-            " then publish the profile again (gpubuild publish-cache --repair)"
+            f" damaged or was replaced: {repair_advice(store, shard)}"
         )
     return path
 
 
-def unpack_shard(source: Path, shard: Shard, into: Path) -> None:
+def unpack_shard(source: Path, shard: Shard, into: Path, store: Store) -> None:
     """Unpack a verified shard file into `into`, member by member, then check its tar's
     sha256 and file count."""
     files = 0
@@ -152,14 +174,14 @@ def unpack_shard(source: Path, shard: Shard, into: Path) -> None:
             stream = cast(BinaryIO, tar_bytes)
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 for member in tar:
-                    check_member(member, shard)
+                    check_member(member, shard, store)
                     if member.isfile() or member.issym():
                         files += 1
                     tar.extract(member, into, **_DATA_FILTER)
             while tar_bytes.read(_CHUNK):  # the tar's zero blocks count for tar_sha256 too
                 pass
     except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
-        raise _damaged(shard, str(exc)) from None
+        raise _damaged(store, shard, str(exc)) from None
     if tar_bytes.sha256.hexdigest() != shard.tar_sha256 or files != shard.files:
         raise IntegrityError(
             f"shard {shard.sha256[:16]}: its tar does not match the manifest"
@@ -199,7 +221,7 @@ def _published_manifest(url: str, sas: str | None) -> tuple[Store, Manifest]:
         location, reference = parse_oci_url(url)
         if reference is None:
             raise BadInputError(
-                f"{redact_url(url)}: name the image: oci://REGISTRY/REPOSITORY@sha256:..."
+                f"{location.display_url}: name the image: oci://REGISTRY/REPOSITORY@sha256:..."
                 " (as publish-cache prints it) or :TAG"
             )
         from builder.stores.oci import open_oci_store  # requests: only for a registry
@@ -235,7 +257,7 @@ def fetch(
             (staging / directory).mkdir(parents=True, exist_ok=True)
         for number, shard in enumerate(manifest.shards, start=1):
             verified = download_verified(store, shard, downloads)
-            unpack_shard(verified, shard, staging)
+            unpack_shard(verified, shard, staging, store)
             verified.unlink()
             elapsed = max(time.monotonic() - start, 1e-6)
             report(

@@ -19,6 +19,9 @@ PROFILE_NAME = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 PACKAGE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 STATE_FOLDER = ".gpubuild"
+# In an image layer a file `.wh.NAME` deletes NAME of the layers below (and `.wh..wh..opq` all of
+# its folder): a tree that is also an image may hold no such name.
+WHITEOUT_PREFIX = ".wh."
 # Sizes beyond any package set (a pebibyte): a larger one is a damaged or hostile file, and
 # would overflow the init script's 64-bit arithmetic.
 MAX_BYTES = 2**50  # the init script's own folder inside the install folder
@@ -90,6 +93,8 @@ def relative_path_problem(path: str) -> str | None:
         return "must not hold '..', '.' or empty parts"
     if parts[0] == STATE_FOLDER:
         return f"must not be inside {STATE_FOLDER}/"
+    if any(part.startswith(WHITEOUT_PREFIX) for part in parts):
+        return f"must not have a part named {WHITEOUT_PREFIX}* (an image layer's whiteout)"
     return None
 
 

@@ -187,7 +187,10 @@ def copy_container_spec(manifest: Manifest, *, image: str, volume: str) -> dict[
     }
 
 
-_DIGEST_REFERENCE = re.compile(r"^[a-z0-9.-]+(:[0-9]+)?/[a-z0-9._/-]+@sha256:[0-9a-f]{64}$")
+# REGISTRY/REPOSITORY@sha256:..., the registry a host name or a bracketed IPv6 address.
+_DIGEST_REFERENCE = re.compile(
+    r"(?P<registry>(?:[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]+)?)/[a-z0-9._/-]+@sha256:[0-9a-f]{64}"
+)
 
 
 def pod_snippet(
@@ -202,10 +205,19 @@ def pod_snippet(
     if secret is not None and not re.match(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$", secret):
         raise BadInputError(f"--secret {secret!r} is not a Kubernetes Secret name")
     if delivery != "blob":
-        if image is None or not _DIGEST_REFERENCE.match(image):
+        found = _DIGEST_REFERENCE.fullmatch(image or "")
+        if found is None:
             raise BadInputError(
                 f"--delivery {delivery} names the image by digest (REGISTRY/REPOSITORY@sha256:...),"
                 f" got {image!r}: publish to a registry store (oci://...) first"
+            )
+        registry = found.group("registry")
+        if not any(mark in registry for mark in ".:[") and registry != "localhost":
+            # The kubelet reads a first part without a dot or port as a Docker Hub namespace.
+            raise BadInputError(
+                f"--delivery {delivery}: {image!r} starts with {registry!r}, which the kubelet"
+                " takes for a namespace on docker.io, not a registry: publish to a registry"
+                " named by its full host name (with a dot) or with its port"
             )
         if secret is not None:
             raise BadInputError(

@@ -231,9 +231,10 @@ class _Plan:
 
 
 def _volume_item(existing: Mapping[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
-    """Keep a user's volume of another kind (a PVC suits the script too) or a larger sizeLimit."""
+    """Keep a user's volume of another kind (a PVC suits the script too) or a larger sizeLimit.
+    An image volume is gpubuild's own (image-volume delivery): replaced."""
     found: dict[str, Any] = plain(existing)
-    if "emptyDir" not in wanted:
+    if "emptyDir" not in wanted or "image" in found:
         return wanted
     if "emptyDir" not in found:
         return found
@@ -320,6 +321,7 @@ def patch_text(
                 )
 
     final_volumes = []
+    leaving_image_volume = False  # the group had image-volume delivery: its mount says readOnly
     for wanted in volumes:
         existing_item = next(
             (
@@ -332,7 +334,18 @@ def patch_text(
         if existing_item is None:
             final_volumes.append(wanted)
             continue
-        if "emptyDir" in wanted and "emptyDir" not in plain(existing_item):
+        kind = plain(existing_item)
+        if "image" in kind and wanted["name"] == volume:
+            leaving_image_volume = True
+        elif "emptyDir" in wanted and "emptyDir" not in kind:
+            if snippet.delivery == "init-copy":
+                raise BadInputError(
+                    f"{where}: worker group {group!r} mounts volume {wanted['name']!r} (not an"
+                    " emptyDir) at the install folder; --delivery init-copy copies into an"
+                    " emptyDir of the pod's own, and a persistent volume is not supported:"
+                    " remove that volume, or use --delivery blob (the init script works on any"
+                    " volume) or image-volume"
+                )
             warnings.append(
                 f"kept volume {wanted['name']!r} as it is (not an emptyDir); the script works on "
                 "any volume, and a persistent one skips the download when the digest is there"
@@ -343,8 +356,9 @@ def patch_text(
         for m in main.get("volumeMounts") or []
     )
     mounts = [] if has_mount else [(snippet.mount(volume), lambda m: False)]
-    if snippet.delivery == "image-volume":
-        # The mount must say readOnly (an image volume is); the replaced initContainer goes.
+    if snippet.delivery == "image-volume" or leaving_image_volume:
+        # The mount says readOnly for an image volume (which is), and no longer when the
+        # volume becomes one the initContainer writes; the replaced initContainer goes.
         mounts = [(snippet.mount(volume), lambda m: m.get("mountPath") == snippet.install_dir)]
     # Files that quote every env value get ours quoted too.
     values = [e["value"] for e in main.get("env") or [] if isinstance(e, Mapping) and "value" in e]

@@ -346,7 +346,13 @@ def check_lock(
         return LockCheck(job.set_name, path, (), lock.digest()), lock
     reasons = [f"target changed: {reason}" for reason in lock.target_changes(profile)]
     if lock.sources != profile.sources:
-        details = source_changes(lock, profile, job.wanted(profile), job.provided)
+        details = list(source_changes(lock, profile, job.wanted(profile), job.provided))
+        pruned = expand_prune(profile.policy.prune) if job.set_name == "heavy" else ()
+        if lock.prune != pruned:
+            details.append(
+                f"profile edited ({profile.path.name}): [policy] prune is now"
+                f" {list(pruned) or 'empty'}, the lock prunes {list(lock.prune) or 'nothing'}"
+            )
         reasons += details or [
             f"profile or base snapshot edited: {profile.path.name} or"
             f" {profile.snapshot.path.name if profile.snapshot.path else 'its snapshot'}"

@@ -23,6 +23,9 @@ from pathlib import Path
 
 from packaging.utils import canonicalize_name
 
+from builder.errors import PolicyViolationError
+from builder.fields import WHITEOUT_PREFIX
+
 
 @dataclass(frozen=True)
 class Entry:
@@ -67,7 +70,10 @@ class PthFile:
 
 
 def list_tree(root: Path) -> Listing:
-    """Walk the tree without following symlinks; a symlink to a folder is an entry, not a folder."""
+    """Walk the tree without following symlinks; a symlink to a folder is an entry, not a folder.
+
+    A name starting `.wh.` is refused (PolicyViolationError): in a registry image, where the
+    tree's shards are layers, it is a whiteout that hides files of other layers."""
     directories: list[str] = []
     entries: list[Entry] = []
     pending = [""]
@@ -76,6 +82,13 @@ def list_tree(root: Path) -> Listing:
         with os.scandir(root / relative if relative else root) as scan:
             for item in scan:
                 path = f"{relative}/{item.name}" if relative else item.name
+                if item.name.startswith(WHITEOUT_PREFIX):
+                    raise PolicyViolationError(
+                        f"{root}: the installed set holds {path[:200]!r}; a name starting"
+                        f" {WHITEOUT_PREFIX} is an image layer's whiteout, which would hide files"
+                        " of other layers in a registry image: gpubuild packs no such file (drop"
+                        " or replace the distribution that ships it)"
+                    )
                 info = item.stat(follow_symlinks=False)
                 if stat.S_ISDIR(info.st_mode):
                     directories.append(path)

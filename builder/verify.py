@@ -292,7 +292,10 @@ def _repair_blob(
     mine = hash_blob(local, shard.sha256)
     if judge(shard, mine)[0] != "ok":
         return state, f"{detail}; no good copy in {local.root}"
-    store.put_blob(shard.sha256, path, overwrite=state == "damaged")
+    try:
+        store.put_blob(shard.sha256, path, overwrite=state == "damaged")
+    except StoreError as exc:  # a registry cannot replace a damaged blob: it says what can
+        return state, f"{detail}; not replaced: {exc}"
     again, why = judge(shard, hash_blob(store, shard.sha256))
     if again != "ok":
         return state, f"{detail}; the copy uploaded from {local.root} reads back wrong: {why}"

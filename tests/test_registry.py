@@ -174,9 +174,23 @@ def test_a_tampered_blob_in_the_registry_is_refused(
         data.write_bytes(bytes(damaged))
         work = tmp_path / "work"
         work.mkdir()
-        with pytest.raises(IntegrityError, match="damaged or was replaced"):
+        # The advice fits a registry: it cannot replace a blob, so "delete blobs/..." would not do.
+        with pytest.raises(IntegrityError, match="damaged or was replaced") as refused:
             fetch(published.fetch_url, work / "into")
+        assert "a registry cannot replace a blob" in str(refused.value)
+        assert "blobs/" not in str(refused.value)
         assert list(work.iterdir()) == []
+
+        # --repair says what it cannot do there, rather than report the shard as repaired.
+        repair = run_cli("publish-cache", str(profile), "--store", store, "--repair",
+                         "--index-url", index)  # fmt: skip
+        assert repair.returncode == 1, repair.stderr
+        assert "a registry cannot replace a blob" in repair.stderr
+        verified = run_cli("verify", store, "--repair-from", str(tmp_path / "packs"), "--json")
+        assert verified.returncode == 1, verified.stderr
+        blobs = {blob["sha256"]: blob for blob in verified.json()["blobs"]}
+        assert blobs[shard.sha256]["state"] == "damaged"
+        assert "not replaced" in blobs[shard.sha256]["detail"]
 
 
 def test_basic_auth_with_credentials_from_the_environment_or_docker_config(

@@ -162,6 +162,16 @@ def test_a_changed_base_snapshot_exits_1_naming_the_package(repo: Path, index: s
     assert "profile edited" not in done.stderr
 
 
+def test_a_new_prune_pattern_is_named(repo: Path, index: str) -> None:
+    repo.write_text(repo.read_text().replace("[policy]\n", '[policy]\nprune = ["helper/docs/*"]\n'))
+    done = _check(repo, "--index-url", index)
+    assert done.returncode == 1
+    assert (
+        "profile edited (checked.toml): [policy] prune is now ['helper/docs/*'], the lock prunes"
+        " nothing" in done.stderr
+    )
+
+
 def test_an_edit_the_lock_cannot_show_still_counts(repo: Path, index: str) -> None:
     repo.write_text("# a comment\n" + repo.read_text())
     done = _check(repo, "--index-url", index)

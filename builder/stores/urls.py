@@ -21,24 +21,36 @@ SCHEME_HELP = (
     "file://PATH (or an absolute path), az://ACCOUNT/CONTAINER[/PREFIX], "
     "https://ACCOUNT.blob.core.windows.net/CONTAINER[/PREFIX] (a SAS may follow as its query), "
     "http://127.0.0.1:PORT/ACCOUNT/CONTAINER[/PREFIX] (Azurite), "
-    "oci://REGISTRY/REPOSITORY or oci+http://HOST:PORT/REPOSITORY (a plain-HTTP registry)"
+    "oci://REGISTRY/REPOSITORY or oci+http://HOST:PORT/REPOSITORY (a plain-HTTP registry on loopback)"
 )
 # The distribution spec's repository name: lowercase path components.
 REPOSITORY_NAME = re.compile(
-    r"^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$"
+    r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*"
 )
+# A registry host: DNS labels (letters, digits, inner hyphens) joined by dots, or an IPv6
+# address in brackets; an optional port.
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _REGISTRY_HOST = re.compile(
-    r"^[A-Za-z0-9.-]+(?::[0-9]{1,5})?$|^\[[0-9a-fA-F:.]+\](?::[0-9]{1,5})?$"
+    rf"(?P<host>{_HOST_LABEL}(?:\.{_HOST_LABEL})*|\[(?P<ipv6>[0-9a-fA-F:.]+)\])"
+    r"(?::(?P<port>[0-9]{1,5}))?"
 )
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_DEFAULT_PORTS = {"https": "443", "http": "80"}
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTAINER_NAME = re.compile(r"^(?!.*--)[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 _ACCOUNT_NAME = re.compile(r"^[a-z0-9]{3,24}$")
 
 
-def default_store_url() -> str:
+def default_store_path() -> Path:
     """The embedded default store: `$XDG_CACHE_HOME/gpubuild/store` (or `~/.cache/...`)."""
     cache = os.environ.get("XDG_CACHE_HOME", "")
     base = Path(cache) if os.path.isabs(cache) else Path.home() / ".cache"
-    return (base / "gpubuild" / "store").as_uri()
+    return base / "gpubuild" / "store"
+
+
+def default_store_url() -> str:
+    return default_store_path().as_uri()
 
 
 @dataclass(frozen=True)
@@ -80,9 +92,40 @@ class OciLocation:
         return f"{self.scheme}://{self.registry}/v2/{self.repository}"
 
 
+def _shown_oci(url: str) -> str:
+    """`url` as messages show it: without the userinfo its registry part may carry (refused),
+    query or fragment, control characters escaped. Only the registry part is userinfo: an
+    `@` in the path is a digest reference (`repo@sha256:...`), never a password."""
+    scheme, sep, rest = url.partition("://")
+    if sep:
+        authority, slash, path = rest.partition("/")
+        rest = authority.rsplit("@", 1)[-1] + slash + path
+    shown = (scheme + sep + rest).split("?", 1)[0].split("#", 1)[0]
+    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", shown[:300])
+
+
+def _registry_host(registry: str, scheme: str, shown: str) -> str:
+    """The registry part, checked and normalised: lowercase, no default port (`:443` names
+    the same registry as none, for the Docker config as for the kubelet)."""
+    match = _REGISTRY_HOST.fullmatch(registry)
+    if match is None:
+        raise BadInputError(f"store URL {shown}: expected oci://REGISTRY/REPOSITORY")
+    host, port = match.group("host").lower(), match.group("port")
+    if match.group("ipv6") is not None:
+        try:
+            ipaddress.IPv6Address(match.group("ipv6"))
+        except ValueError:
+            raise BadInputError(f"store URL {shown}: {host} is not an IPv6 address") from None
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise BadInputError(f"store URL {shown}: port {port} is not from 1 to 65535")
+    if port is None or port.lstrip("0") == _DEFAULT_PORTS[scheme]:
+        return host
+    return f"{host}:{int(port)}"
+
+
 def parse_oci_url(url: str) -> tuple[OciLocation, str | None]:
     """(location, reference): the reference is a tag or `sha256:...` after `:` or `@`, or None."""
-    shown = redact_url(url)
+    shown = _shown_oci(url)
     scheme, _, rest = url.partition("://")
     scheme = scheme.lower()
     if scheme not in ("oci", "oci+http", "oci+https"):
@@ -93,28 +136,56 @@ def parse_oci_url(url: str) -> tuple[OciLocation, str | None]:
             " credentials through `docker login` or GPUBUILD_REGISTRY_USERNAME/_PASSWORD"
         )
     registry, slash, path = rest.partition("/")
-    if not slash or not path or not _REGISTRY_HOST.match(registry):
+    if not slash or not path:
         raise BadInputError(f"store URL {shown}: expected oci://REGISTRY/REPOSITORY")
+    http = "http" if scheme == "oci+http" else "https"
+    registry = _registry_host(registry, http, shown)
+    if http == "http" and not is_loopback(registry_hostname(registry)):
+        raise BadInputError(
+            f"store URL {shown}: oci+http:// (plain HTTP) is only for a registry on this machine"
+            " (localhost or a loopback address); use oci:// (https) for"
+            f" {registry}"
+        )
     reference: str | None = None
     if "@" in path:
         path, reference = path.split("@", 1)
-        if not re.match(r"^sha256:[0-9a-f]{64}$", reference):
-            raise BadInputError(f"{shown}: {reference!r} is not a sha256:<64 hex> digest")
+        if not _DIGEST.fullmatch(reference):
+            # The URL is shown without the reference: `repo@x` reads as userinfo to scrub.
+            raise BadInputError(
+                f"{_shown_oci(f'{scheme}://{registry}/{path}')}: the reference after '@',"
+                f" {reference[:80]!r}, is not a sha256:<64 hex> digest"
+            )
     else:
         last = path.rsplit("/", 1)[-1]
         if ":" in last:
             path, reference = path.rsplit(":", 1)
-            if not re.match(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$", reference):
-                raise BadInputError(f"{shown}: {reference!r} is not a valid tag")
+            if not _TAG.fullmatch(reference):
+                raise BadInputError(f"{shown}: {reference[:80]!r} is not a valid tag")
     path = path.strip("/")
-    if not REPOSITORY_NAME.match(path):
+    if not REPOSITORY_NAME.fullmatch(path):
         raise BadInputError(
-            f"store URL {shown}: {path!r} is not a repository name (lowercase letters, digits,"
-            " and . _ - between them, path components separated by /)"
+            f"store URL {shown}: {path[:80]!r} is not a repository name (lowercase letters,"
+            " digits, and . _ - between them, path components separated by /)"
         )
-    return OciLocation(
-        registry.lower(), path, "http" if scheme == "oci+http" else "https"
-    ), reference
+    return OciLocation(registry, path, http), reference
+
+
+def registry_hostname(registry: str) -> str:
+    """The host of `host[:port]` (`[::1]:5000` -> `::1`)."""
+    if registry.startswith("["):
+        return registry[1:].split("]", 1)[0]
+    return registry.split(":", 1)[0]
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, or a loopback address (127.0.0.0/8, ::1; IPv6 without its brackets)."""
+    host = host.lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_loopback_or_ip(host: str) -> bool:
@@ -152,8 +223,11 @@ def _check_account(account: str, url: str) -> str:
 
 def parse_store_url(url: str) -> FileLocation | AzureLocation | OciLocation:
     """Read a store URL without touching the network or the environment."""
-    register_url(url)
     if url.lower().startswith(("oci://", "oci+http://", "oci+https://")):
+        # Only the registry part can be userinfo (refused below): `repo@sha256:` is a digest.
+        authority = url.partition("://")[2].split("/", 1)[0]
+        if "@" in authority:
+            register_url(url.split("://", 1)[0] + "://" + authority)
         location, reference = parse_oci_url(url)
         if reference is not None:
             raise BadInputError(
@@ -161,6 +235,7 @@ def parse_store_url(url: str) -> FileLocation | AzureLocation | OciLocation:
                 " (fetch takes oci://REGISTRY/REPOSITORY@sha256:...)"
             )
         return location
+    register_url(url)
     if "://" not in url:
         if url.startswith(("/", "./", "../", "~")):
             return FileLocation(Path(url).expanduser().resolve())

@@ -8,7 +8,7 @@
 #   GPUBUILD_STORE_URL  the store (the folder holding blobs/), overriding the one written in
 #   GPUBUILD_SAS        a SAS token appended to every blob URL (never printed)
 #   GPUBUILD_SAS_FILE   a file holding the SAS token (a mounted Secret)
-#   GPUBUILD_PARALLEL   shards downloaded at once (default: one per core, at most 8)
+#   GPUBUILD_PARALLEL   shards downloaded at once (default: two per core, 4 to 16)
 #   GPUBUILD_RETRIES    download attempts per shard (default 5); between two, a wait drawn at
 #                       random from 0 to 1, 2, 4 ... 30 s (full jitter, so that many pods
 #                       throttled at once do not come back at once), after what the store's
@@ -473,7 +473,13 @@ read_settings() {
 
   local cores
   cores=$(nproc 2>/dev/null || echo 4)
-  PARALLEL=${GPUBUILD_PARALLEL:-$(( cores < 8 ? cores : 8 ))}
+  # Two workers per core (at least 4, at most 16): each one downloads, then hashes, then unpacks,
+  # so with two per core one computes while the other waits for the network or the disk
+  # (torch-cu121 on 2 cores: 11-12 s with 2 workers, 9-10 s with 4).
+  local workers=$(( 2 * cores ))
+  (( workers >= 4 )) || workers=4
+  (( workers <= 16 )) || workers=16
+  PARALLEL=${GPUBUILD_PARALLEL:-$workers}
   RETRIES=${GPUBUILD_RETRIES:-5}
   STALL_SECONDS=${GPUBUILD_STALL_SECONDS:-60}
   local name

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from builder.backends import Job, constraint_lines, explain_conflict, project_toml
 from builder.base import BaseSnapshot, parse_snapshot
 from builder.errors import FormatError, IntegrityError, PolicyViolationError
-from builder.fetch import check_member
+from builder.fetch import member_problem
 from builder.fields import install_dir_problem, relative_path_problem
 from builder.initscript import leaf_directories, render_init_script, shard_label
 from builder.lock import Excluded, Lock, LockedPackage, parse_lock, render_lock
@@ -255,13 +255,14 @@ def test_the_init_script_pins_the_manifest_and_refuses_a_secret_url() -> None:
 def test_fetch_judges_each_member_before_it_is_extracted() -> None:
     import tarfile
 
-    shard = manifest().shards[0]
     ok = tarfile.TarInfo("alpha/x.py")
-    check_member(ok, shard)
+    assert member_problem(ok) is None
     link = tarfile.TarInfo("alpha/l")
     link.type, link.linkname = tarfile.SYMTYPE, "../../etc"
-    with pytest.raises(IntegrityError, match="lead out"):
-        check_member(link, shard)
+    assert "lead out" in (member_problem(link) or "")
+    # An image layer's whiteout would hide files of the layers below in a registry image.
+    for name in (".wh..wh..opq", "alpha/.wh.x.py", ".wh.alpha/x.py"):
+        assert "whiteout" in (member_problem(tarfile.TarInfo(name)) or ""), name
 
 
 # --- fields, secrets, units ------------------------------------------------------------------
@@ -276,7 +277,9 @@ def test_install_dir_rules(path: str, ok: bool) -> None:
     assert (install_dir_problem(path) is None) == ok
 
 
-@pytest.mark.parametrize("path", ["../x", "/x", "a//b", "a/./b", ".gpubuild/x", "a\nb", ""])
+@pytest.mark.parametrize(
+    "path", ["../x", "/x", "a//b", "a/./b", ".gpubuild/x", "a\nb", "", ".wh..wh..opq", "a/.wh.b"]
+)
 def test_relative_paths_that_could_leave_the_tree(path: str) -> None:
     assert relative_path_problem(path) is not None
 
@@ -297,7 +300,14 @@ def test_the_image_layers_are_the_shards_after_the_folders() -> None:
     import hashlib
     import json
 
-    from builder.ociimage import IMAGE_MANIFEST, LAYER_TAR, LAYER_ZSTD, build_image, copier_layer
+    from builder.ociimage import (
+        IMAGE_MANIFEST,
+        LAYER_TAR,
+        LAYER_ZSTD,
+        TreeEntry,
+        build_image,
+        copier_layer,
+    )
 
     heavy = build_image(manifest(), version="0.1.0")
     document = json.loads(heavy.manifest)
@@ -310,7 +320,9 @@ def test_the_image_layers_are_the_shards_after_the_folders() -> None:
     assert document["annotations"]["dev.gpubuild.digest"] == "d" * 64
     assert heavy.digest == "sha256:" + hashlib.sha256(heavy.manifest).hexdigest()
     assert build_image(manifest(), version="0.1.0") == heavy  # reproducible
-    copy = build_image(manifest(), version="0.1.0", copier=copier_layer(manifest(), b"\x7fELF"))
+    entries = (TreeEntry("alpha", manifest().total_files),)
+    copier_blob = copier_layer(manifest(), b"\x7fELF", entries)
+    copy = build_image(manifest(), version="0.1.0", copier=copier_blob)
     assert json.loads(copy.manifest)["layers"][:2] == document["layers"]
     # The copier lives in the state folder's name, which no tree may use.
     assert json.loads(copy.config.data)["config"]["Entrypoint"][-1] == "/.gpubuild/copy.sh"
@@ -323,5 +335,129 @@ def test_the_image_layers_are_the_shards_after_the_folders() -> None:
         folders = tar.extractfile(".gpubuild/folders")
         assert folders is not None
         listed = folders.read().decode().splitlines()
-    assert names == [".gpubuild", ".gpubuild/busybox", ".gpubuild/copy.sh", ".gpubuild/folders"]
+    assert names == [
+        ".gpubuild",
+        ".gpubuild/busybox",
+        ".gpubuild/copy.sh",
+        ".gpubuild/folders",
+        ".gpubuild/entries",
+    ]
     assert listed == sorted(set(manifest().directories))
+
+
+def test_the_image_names_the_platforms_architecture_and_checks_itself() -> None:
+    import json
+
+    from builder.ociimage import build_image, check_image, oci_architecture
+
+    assert [
+        oci_architecture(p) for p in ("x86_64-manylinux_2_28", "aarch64-manylinux2014", "linux")
+    ] == [
+        "amd64",
+        "arm64",
+        "amd64",
+    ]
+    arm = manifest(platform="aarch64-manylinux_2_28")
+    image = build_image(arm, version="0.1.0")
+    config = json.loads(image.config.data)
+    assert config["architecture"] == "arm64"
+    document = json.loads(image.manifest)
+    check_image(document, config, arm, None, "image")  # what build_image makes passes
+    with pytest.raises(IntegrityError, match="architecture"):
+        check_image(document, {**config, "architecture": "amd64"}, arm, None, "image")
+    with pytest.raises(IntegrityError, match="layers are not exactly"):
+        extra = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": "sha256:" + "e" * 64,
+                 "size": 1, "urls": ["https://attacker.invalid/layer"]}  # fmt: skip
+        check_image(
+            {**document, "layers": [*document["layers"], extra]}, config, arm, None, "image"
+        )
+    with pytest.raises(IntegrityError, match="no image architecture"):
+        build_image(manifest(platform="riscv64-linux"), version="0.1.0")
+
+
+def test_only_a_static_executable_for_a_known_machine_is_a_busybox(tmp_path: Path) -> None:
+    import struct
+
+    from builder.ociimage import BUSYBOX_LIMIT, read_static_busybox, static_executable_architecture
+
+    def elf(kind: int, machine: int, interpreter: bool = False) -> bytes:
+        header = bytearray(64 + 56 * 2)
+        header[:6] = b"\x7fELF\x02\x01"
+        struct.pack_into("<HH", header, 0x10, kind, machine)
+        struct.pack_into("<Q", header, 0x20, 64)  # program headers right after this one
+        struct.pack_into("<HH", header, 0x36, 56, 2)
+        struct.pack_into("<I", header, 64, 1)  # PT_LOAD
+        struct.pack_into("<I", header, 64 + 56, 3 if interpreter else 1)  # PT_INTERP or PT_LOAD
+        return bytes(header)
+
+    assert static_executable_architecture(elf(2, 62)) == "amd64"
+    assert static_executable_architecture(elf(3, 183)) == "arm64"  # a static-pie
+    assert static_executable_architecture(elf(3, 62, interpreter=True)) is None  # dynamic
+    assert static_executable_architecture(elf(1, 62)) is None  # a relocatable object
+    assert static_executable_architecture(elf(2, 3)) is None  # i386
+    assert static_executable_architecture(elf(2, 62) + bytes(BUSYBOX_LIMIT)) is None  # too big
+    assert read_static_busybox(Path("/dev/zero")) is None  # not a file: never read to the end
+    (tmp_path / "bb").write_bytes(elf(2, 183))
+    found = read_static_busybox(tmp_path / "bb")
+    assert found is not None and found.architecture == "arm64"
+
+
+def test_registry_urls_are_read_strictly() -> None:
+    from builder.errors import BadInputError
+    from builder.stores.urls import parse_oci_url, parse_store_url
+
+    digest = "sha256:" + "a" * 64
+    for url in ("oci://reg.example.com/repo\n", f"oci://reg.example.com/repo@{digest}\n",
+                "oci://reg.example.com/repo:tag\n", "oci://../repo", "oci://-/repo", "oci://./repo",
+                "oci://reg:0/repo", "oci://reg:99999/repo", "oci+http://10.0.0.5:5000/repo",
+                "oci+http://registry.example.com/repo", "oci://[::zz]:5000/repo"):  # fmt: skip
+        with pytest.raises(BadInputError):
+            parse_oci_url(url)
+    # :443 is the registry itself: the Docker config and the kubelet know it without the port.
+    assert parse_oci_url("oci://Reg.Example.com:443/repo")[0].registry == "reg.example.com"
+    assert parse_oci_url("oci+http://localhost:5000/a")[0].api == "http://localhost:5000/v2/a"
+    assert parse_oci_url("oci://[::1]:5000/a")[0].registry == "[::1]:5000"
+    with pytest.raises(BadInputError) as refused:
+        parse_store_url("oci://reg.example.com/re@po")
+    assert "oci://reg.example.com/re:" in str(refused.value) and "'po'" in str(refused.value)
+
+
+def test_registry_deliveries_name_an_image_the_kubelet_finds() -> None:
+    from builder.errors import BadInputError
+    from builder.k8s import pod_snippet
+
+    digest = "@sha256:" + "1" * 64
+    for image in ("[::1]:5000/gpubuild/x", "localhost/x", "reg.example.com/x", "reg:5000/x"):
+        assert pod_snippet(manifest(), image=image + digest, delivery="image-volume").image
+    with pytest.raises(BadInputError, match=r"docker\.io"):
+        pod_snippet(manifest(), image="registry/x" + digest, delivery="init-copy")
+    with pytest.raises(BadInputError, match="by digest"):
+        pod_snippet(manifest(), image="reg.example.com/x" + digest + "\n", delivery="init-copy")
+
+
+def test_a_token_realm_must_be_https_and_the_environments_credentials_stay_home() -> None:
+    from builder.stores.registry_auth import RegistryCredentials, parse_challenge, realm_problem
+
+    registry = ("https", "reg.example.com", 443)
+    bound = RegistryCredentials("the Docker config", "u", "p")
+    loose = RegistryCredentials(
+        "GPUBUILD_REGISTRY_USERNAME/PASSWORD", "u", "p", bound_to_host=False
+    )
+    assert (
+        realm_problem("https://auth.example.com/token", registry, bound, registry_is_http=False)
+        is None
+    )
+    assert "plain HTTP" in (
+        realm_problem("http://auth.example.com/t", registry, bound, registry_is_http=False) or ""
+    )
+    assert "another host" in (
+        realm_problem("https://auth.example.com/t", registry, loose, registry_is_http=False) or ""
+    )
+    assert (
+        realm_problem(
+            "https://reg.example.com/oauth2/token", registry, loose, registry_is_http=False
+        )
+        is None
+    )
+    assert parse_challenge('Bearer realm="https://a/t",service="s",scope="x"').service == "s"
+    assert parse_challenge("\x1b[2JEvil x").scheme == "unknown"
