@@ -30,7 +30,7 @@ from builder.fields import PROFILE_NAME
 from builder.manifest import Manifest, Shard, blob_key, manifest_key
 from builder.progress import Progress, Step, silent
 from builder.stores import FileStore, Store, StoredManifest
-from builder.stores.base import COPY_CHUNK
+from builder.stores.base import COPY_CHUNK, HashingReader
 from builder.units import megabytes, plural
 
 VERIFY_WORKERS = 4
@@ -133,24 +133,9 @@ def judge(shard: Shard, found: BlobHashes | None) -> tuple[str, str]:
 # --- reading blobs ------------------------------------------------------------------------------
 
 
-class _Hashing:
-    """A reader that hashes and counts what passes through it."""
-
-    def __init__(self, source: BinaryIO) -> None:
-        self.source = source
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self.source.read(size)
-        self.sha256.update(chunk)
-        self.bytes += len(chunk)
-        return chunk
-
-
 def hash_stream(stream: BinaryIO) -> BlobHashes:
     """The hashes of a .tar.zst read once from `stream`, in chunks."""
-    outer = _Hashing(stream)
+    outer = HashingReader(stream)
     inner = hashlib.sha256()
     raw = 0
     error = ""

@@ -7,8 +7,14 @@ import json
 import subprocess
 import sys
 import tarfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from builder.indexes import IndexSettings
+from builder.pipeline import publish_profile
+from builder.profile import load_profile
+from builder.publish import PublishResult
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -102,3 +108,18 @@ def docker_context(files: dict[str, bytes]) -> io.BytesIO:
             tar.addfile(info, io.BytesIO(data))
     buffer.seek(0)
     return buffer
+
+
+def publish_to(profile: Path, store: str, index: str, tmp_path: Path) -> PublishResult:
+    """Publish a test profile, resolved against the fixture index, to `store`."""
+    return publish_profile(
+        load_profile(profile),
+        store_url=store,
+        settings=IndexSettings(default_url=index),
+        pack_dir=tmp_path / "packs",
+    )
+
+
+def new_repository(prefix: str) -> str:
+    """A registry repository no other test uses."""
+    return f"gpubuild/{prefix}{uuid.uuid4().hex[:10]}"

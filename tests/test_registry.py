@@ -10,7 +10,6 @@ import filecmp
 import json
 import os
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,12 +17,8 @@ import pytest
 
 from builder.errors import BadInputError, IntegrityError
 from builder.fetch import fetch
-from builder.indexes import IndexSettings
 from builder.ociimage import LAYER_TAR, LAYER_ZSTD
-from builder.pipeline import publish_profile
-from builder.profile import load_profile
-from builder.publish import PublishResult
-from tests.helpers import run_cli, write_profile
+from tests.helpers import new_repository, publish_to, run_cli, write_profile
 from tests.support import services
 from tests.support.services import require_program
 from tests.support.wheels import build_wheel
@@ -58,19 +53,6 @@ def _profile(tmp_path: Path, name: str = "oci-test") -> Path:
                          python="3.11")  # fmt: skip
 
 
-def _publish(profile: Path, store: str, index: str, tmp_path: Path) -> PublishResult:
-    return publish_profile(
-        load_profile(profile),
-        store_url=store,
-        settings=IndexSettings(default_url=index),
-        pack_dir=tmp_path / "packs",
-    )
-
-
-def _repository() -> str:
-    return f"gpubuild/t{uuid.uuid4().hex[:10]}"
-
-
 def _skopeo(*args: str) -> dict:
     skopeo = require_program("skopeo", "the Debian package skopeo")
     out = subprocess.run([skopeo, *args], capture_output=True, text=True, check=True)
@@ -81,18 +63,18 @@ def test_publish_to_a_registry_then_again_uploads_nothing(
     tmp_path: Path, index: str, registry_address: str
 ) -> None:
     profile = _profile(tmp_path)
-    store = f"oci+http://{registry_address}/{_repository()}"
-    first = _publish(profile, store, index, tmp_path)
+    store = f"oci+http://{registry_address}/{new_repository('t')}"
+    first = publish_to(profile, store, index, tmp_path)
     assert not first.already_published and first.shards_uploaded == len(first.manifest.shards)
     assert set(first.references) == {"image", "init-copy image"}
     image = first.references["image"]
     assert image.startswith(f"{registry_address}/gpubuild/") and "@sha256:" in image
-    again = _publish(profile, store, index, tmp_path)
+    again = publish_to(profile, store, index, tmp_path)
     assert again.already_published and again.bytes_uploaded == 0
     assert again.references == first.references
 
     # The same shards as in a folder store: one identity for the bytes everywhere.
-    folder = _publish(profile, (tmp_path / "store").as_uri(), index, tmp_path)
+    folder = publish_to(profile, (tmp_path / "store").as_uri(), index, tmp_path)
     assert {s.sha256 for s in folder.manifest.shards} == {s.sha256 for s in first.manifest.shards}
 
     # skopeo reads what was pushed: the layers are the shards, the config's diff_ids their tars.
@@ -114,9 +96,9 @@ def test_without_busybox_only_the_heavy_image_and_a_later_publish_adds_the_copy_
     tmp_path: Path, index: str, registry_address: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     profile = _profile(tmp_path)
-    store = f"oci+http://{registry_address}/{_repository()}"
+    store = f"oci+http://{registry_address}/{new_repository('t')}"
     monkeypatch.setenv("GPUBUILD_BUSYBOX", "none")
-    first = _publish(profile, store, index, tmp_path)
+    first = publish_to(profile, store, index, tmp_path)
     assert set(first.references) == {"image"}
     refused = run_cli("init-script", str(profile), "--store", store, "--delivery", "init-copy",
                       "--k8s-out", str(tmp_path / "copy.yaml"))  # fmt: skip
@@ -126,26 +108,26 @@ def test_without_busybox_only_the_heavy_image_and_a_later_publish_adds_the_copy_
     monkeypatch.setenv("GPUBUILD_BUSYBOX", str(tmp_path / "not-busybox"))
     (tmp_path / "not-busybox").write_bytes(b"#!/bin/sh\n")
     with pytest.raises(BadInputError, match="not a statically linked busybox"):
-        _publish(profile, store, index, tmp_path)
+        publish_to(profile, store, index, tmp_path)
 
     monkeypatch.delenv("GPUBUILD_BUSYBOX")
-    second = _publish(profile, store, index, tmp_path)
+    second = publish_to(profile, store, index, tmp_path)
     # The shards were there: only the copier layer, its config and the manifest went up.
     assert not second.already_published and second.shards_uploaded == 0
     assert set(second.references) == {"image", "init-copy image"}
     assert second.references["image"] == first.references["image"]
-    assert _publish(profile, store, index, tmp_path).already_published
+    assert publish_to(profile, store, index, tmp_path).already_published
 
 
 def test_fetch_an_image_by_digest_gives_the_folder_store_tree(
     tmp_path: Path, index: str, registry_address: str
 ) -> None:
     profile = _profile(tmp_path)
-    store = f"oci+http://{registry_address}/{_repository()}"
-    published = _publish(profile, store, index, tmp_path)
+    store = f"oci+http://{registry_address}/{new_repository('t')}"
+    published = publish_to(profile, store, index, tmp_path)
     by_registry = run_cli("fetch", published.fetch_url, "--into", str(tmp_path / "a"), "--json")
     assert by_registry.returncode == 0, by_registry.stderr
-    folder = _publish(profile, (tmp_path / "store").as_uri(), index, tmp_path)
+    folder = publish_to(profile, (tmp_path / "store").as_uri(), index, tmp_path)
     fetch(folder.fetch_url, tmp_path / "b")
     compared = filecmp.dircmp(tmp_path / "a", tmp_path / "b")
     assert not compared.left_only and not compared.right_only and not compared.diff_files
@@ -157,8 +139,8 @@ def test_a_tampered_blob_in_the_registry_is_refused(
 ) -> None:
     with services.registry(tmp_path_factory.mktemp("tamper-registry")) as address:
         profile = _profile(tmp_path)
-        store = f"oci+http://{address}/{_repository()}"
-        published = _publish(profile, store, index, tmp_path)
+        store = f"oci+http://{address}/{new_repository('t')}"
+        published = publish_to(profile, store, index, tmp_path)
         shard = max(published.manifest.shards, key=lambda s: s.bytes)
         root = next(Path(p) for p in tmp_path_factory.getbasetemp().glob("tamper-registry*"))
         data = (
@@ -204,7 +186,7 @@ def test_basic_auth_with_credentials_from_the_environment_or_docker_config(
         tmp_path_factory.mktemp("auth-registry"), users={"ci": password}
     ) as address:
         profile = _profile(tmp_path)
-        store = f"oci+http://{address}/{_repository()}"
+        store = f"oci+http://{address}/{new_repository('t')}"
         anonymous = run_cli("publish-cache", str(profile), "--store", store)
         assert anonymous.returncode == 1 and "wants credentials" in anonymous.stderr
         wrong = run_cli(
@@ -216,7 +198,7 @@ def test_basic_auth_with_credentials_from_the_environment_or_docker_config(
 
         monkeypatch.setenv("GPUBUILD_REGISTRY_USERNAME", "ci")
         monkeypatch.setenv("GPUBUILD_REGISTRY_PASSWORD", password)
-        published = _publish(profile, store, index, tmp_path)
+        published = publish_to(profile, store, index, tmp_path)
         assert published.shards_uploaded > 0
         monkeypatch.delenv("GPUBUILD_REGISTRY_USERNAME")
         monkeypatch.delenv("GPUBUILD_REGISTRY_PASSWORD")
@@ -273,11 +255,11 @@ def test_bearer_token_challenges_with_a_password_or_an_identity_token(
     refresh = "refresh-token-from-az-acr-login"
     with token_registry(registry_address, "ci", "bearer-pw-123", refresh) as front:
         address = front.url.split("://", 1)[1]
-        store = f"oci+http://{address}/{_repository()}"
+        store = f"oci+http://{address}/{new_repository('t')}"
         profile = _profile(tmp_path)
         monkeypatch.setenv("GPUBUILD_REGISTRY_USERNAME", "ci")
         monkeypatch.setenv("GPUBUILD_REGISTRY_PASSWORD", "bearer-pw-123")
-        published = _publish(profile, store, index, tmp_path)
+        published = publish_to(profile, store, index, tmp_path)
         assert published.shards_uploaded > 0 and front.tokens_issued
         assert any(scope.endswith(":pull,push") for scope in front.scopes_asked)
         monkeypatch.delenv("GPUBUILD_REGISTRY_USERNAME")

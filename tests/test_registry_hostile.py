@@ -14,7 +14,6 @@ import os
 import stat
 import tarfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +23,6 @@ import requests
 
 import builder.stores.oci as oci
 from builder.errors import BadInputError, IntegrityError, StoreError
-from builder.indexes import IndexSettings
 from builder.manifest import Manifest, manifest_to_bytes
 from builder.ociimage import (
     IMAGE_MANIFEST,
@@ -35,13 +33,11 @@ from builder.ociimage import (
     copy_script,
     image_tag,
 )
-from builder.pipeline import publish_profile
-from builder.profile import load_profile
-from builder.publish import PublishResult
+from builder.stores import registry_client
 from builder.stores.oci import OciStore, open_oci_store
 from builder.stores.registry_auth import RegistryCredentials, registry_credentials
 from builder.stores.urls import parse_oci_url
-from tests.helpers import run_cli, write_profile
+from tests.helpers import new_repository, publish_to, run_cli, write_profile
 from tests.support.token_registry import (
     PASS,
     Reply,
@@ -97,19 +93,6 @@ def _challenge(realm: str, scheme: str = "Bearer") -> Reply:
 
 def _profile(tmp_path: Path, heavy: tuple[str, ...] = ("alpha==1.0", "beta==2.0")) -> Path:
     return write_profile(tmp_path / "profiles", name="hostile", heavy=list(heavy), python="3.11")
-
-
-def _publish(profile: Path, store: str, index: str, tmp_path: Path) -> PublishResult:
-    return publish_profile(
-        load_profile(profile),
-        store_url=store,
-        settings=IndexSettings(default_url=index),
-        pack_dir=tmp_path / "packs",
-    )
-
-
-def _repository() -> str:
-    return f"gpubuild/h{uuid.uuid4().hex[:10]}"
 
 
 # --- finding 1: credentials go to the registry's own origin only ------------------------------
@@ -189,10 +172,10 @@ def test_an_image_with_a_layer_its_manifest_does_not_name_is_refused_then_replac
     """An image volume mounts every layer of the image: one more layer than the manifest's
     shards is a file nobody verified. The init script and fetch refuse the image; publishing
     again pushes the right one."""
-    repository = _repository()
+    repository = new_repository("h")
     url = f"oci+http://{registry_address}/{repository}"
     profile = _profile(tmp_path)
-    first = _publish(profile, url, index, tmp_path)
+    first = publish_to(profile, url, index, tmp_path)
     tag = image_tag(first.profile, first.digest)
     document = _image_document(registry_address, repository, tag)
     buffer = io.BytesIO()
@@ -215,7 +198,7 @@ def test_an_image_with_a_layer_its_manifest_does_not_name_is_refused_then_replac
     assert fetched.returncode == 1 and "the copier layer holds alpha/evil.py" in fetched.stderr
     assert not (tmp_path / "out").exists()
 
-    again = _publish(profile, url, index, tmp_path)
+    again = publish_to(profile, url, index, tmp_path)
     assert not again.already_published and again.shards_uploaded == 0
     assert again.references == first.references
 
@@ -225,9 +208,9 @@ def test_an_init_copy_image_with_another_copy_script_is_refused(
 ) -> None:
     """A self-consistent image (its config names its layers) whose copier runs another script:
     the copier layer is held to the script gpubuild writes for the manifest."""
-    repository = _repository()
+    repository = new_repository("h")
     url = f"oci+http://{registry_address}/{repository}"
-    first = _publish(_profile(tmp_path), url, index, tmp_path)
+    first = publish_to(_profile(tmp_path), url, index, tmp_path)
     store = _store(url)
     copy_tag = image_tag(first.profile, first.digest, copy=True)
     document = _image_document(registry_address, repository, copy_tag)
@@ -264,8 +247,8 @@ def test_references_read_each_tag_once_and_name_what_was_checked(
 ) -> None:
     """A registry could answer a second read of a tag with another image: the digest given
     out is that of the bytes that were checked, read once."""
-    repository = _repository()
-    first = _publish(_profile(tmp_path), f"oci+http://{registry_address}/{repository}", index,
+    repository = new_repository("h")
+    first = publish_to(_profile(tmp_path), f"oci+http://{registry_address}/{repository}", index,
                      tmp_path)  # fmt: skip
     with scripted_registry(lambda request: PASS, upstream=registry_address) as front:
         found = _store(f"oci+http://{front.address}/{repository}").references(
@@ -288,7 +271,7 @@ def test_an_upload_in_chunks_keeps_its_connection(registry_address: str, tmp_pat
     blob = tmp_path / "blob"
     blob.write_bytes(data)
     with scripted_registry(lambda request: PASS, upstream=registry_address) as front:
-        store = _store(f"oci+http://{front.address}/{_repository()}")
+        store = _store(f"oci+http://{front.address}/{new_repository('h')}")
         assert store.put_blob(hashlib.sha256(data).hexdigest(), blob)
         assert store.has_blob(hashlib.sha256(data).hexdigest()) == len(data)
     methods = [r.method for r in front.received]
@@ -360,7 +343,7 @@ def test_a_plain_http_token_realm_under_an_https_registry_is_refused(
 
 
 def test_a_dripping_manifest_is_cut_at_its_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(oci, "_DOCUMENT_DEADLINE_S", 1.5)
+    monkeypatch.setattr(registry_client, "_DOCUMENT_DEADLINE_S", 1.5)
 
     def drip() -> Iterator[bytes]:
         while True:
@@ -379,8 +362,8 @@ def test_a_slow_blob_is_cut_and_a_cut_one_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # 1 s, and one more per 10 MB: the 10 MB blob below, sent at 10 kB/s, gets 2 s.
-    monkeypatch.setattr(oci, "_BLOB_GRACE_S", 1.0)
-    monkeypatch.setattr(oci, "_BLOB_MIN_RATE", 10_000_000)
+    monkeypatch.setattr(registry_client, "_BLOB_GRACE_S", 1.0)
+    monkeypatch.setattr(registry_client, "_BLOB_MIN_RATE", 10_000_000)
     size = 10_000_000
 
     def slow(request: Request) -> Reply:
@@ -471,7 +454,7 @@ def test_a_password_beyond_latin_1_works_on_the_bearer_path(
 ) -> None:
     password = "pässwörd€-1"
     with token_registry(registry_address, "ci", password, "refresh-unused") as front:
-        url = f"oci+http://{front.url.split('://', 1)[1]}/{_repository()}"
+        url = f"oci+http://{front.url.split('://', 1)[1]}/{new_repository('h')}"
         store = _store(url, GPUBUILD_REGISTRY_USERNAME="ci", GPUBUILD_REGISTRY_PASSWORD=password)
         assert store.has_blob(SHA) is None
         assert front.tokens_issued
@@ -488,8 +471,8 @@ def test_an_identity_token_meeting_a_basic_challenge_says_so() -> None:
 def test_a_shard_cut_mid_download_fails_fetch_cleanly(
     tmp_path: Path, index: str, registry_address: str
 ) -> None:
-    repository = _repository()
-    first = _publish(_profile(tmp_path), f"oci+http://{registry_address}/{repository}", index,
+    repository = new_repository("h")
+    first = publish_to(_profile(tmp_path), f"oci+http://{registry_address}/{repository}", index,
                      tmp_path)  # fmt: skip
     shard = max(first.manifest.shards, key=lambda s: s.bytes)
 

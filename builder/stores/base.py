@@ -253,3 +253,19 @@ def file_size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         raise BadInputError(f"{path}: no such file to publish") from None
+
+
+class HashingReader:
+    """A reader that hashes and counts what passes through it, so that one pass over a stream
+    both feeds its consumer and proves its sha256."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self.source = source
+        self.sha256 = hashlib.sha256()
+        self.bytes = 0
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.source.read(size)
+        self.sha256.update(chunk)
+        self.bytes += len(chunk)
+        return chunk
