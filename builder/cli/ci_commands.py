@@ -16,9 +16,9 @@ from builder.cipipeline import (
     REGISTRY_DELIVERIES,
     check_index_names,
     plan_pipeline,
-    render_azure_pipeline,
     spec_document,
 )
+from builder.cipipeline_yaml import render_azure_pipeline
 from builder.cli.base import GpubuildGroup, emit_json, index_options, json_option, report
 from builder.files import write_atomically
 from builder.indexes import IndexSettings
