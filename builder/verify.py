@@ -159,12 +159,9 @@ def hash_stream(stream: BinaryIO) -> BlobHashes:
 
 def hash_blob(store: Store, sha256: str) -> BlobHashes | None:
     """The hashes of blob `sha256` as the store holds it; None when it has none."""
-    try:
-        stream = store.open_blob(sha256)
-    except StoreError:
-        if store.has_blob(sha256) is None:
-            return None
-        raise
+    stream = store.open_blob_if_present(sha256)
+    if stream is None:
+        return None
     try:
         return hash_stream(stream)
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -12,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from builder.indexes import IndexSettings
+from builder.manifest import manifest_key
+from builder.pack import PackResult, write_artifact
 from builder.pipeline import publish_profile
 from builder.profile import load_profile
 from builder.publish import PublishResult
+from builder.tools import run_uv
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -123,3 +127,23 @@ def publish_to(profile: Path, store: str, index: str, tmp_path: Path) -> Publish
 def new_repository(prefix: str) -> str:
     """A registry repository no other test uses."""
     return f"gpubuild/{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def pack_wheels(work: Path, packs: Path, wheels: list[Path], profile: str, name: str) -> PackResult:
+    """Install `wheels` with uv and pack them as `profile` under a digest made from `name`
+    (python 3.11, small shard threshold so that each wheel is a shard of its own)."""
+    tree = work / f"tree-{name}"
+    done = run_uv(["pip", "install", "--target", str(tree), "--no-deps", *map(str, wheels)])
+    assert done.returncode == 0, done.stderr
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    manifest = write_artifact(
+        tree,
+        packs,
+        profile=profile,
+        digest=digest,
+        python="3.11",
+        platform="x86_64-manylinux_2_28",
+        install_dir="/shared-packages",
+        shard_threshold=50_000,
+    )
+    return PackResult(manifest, packs / manifest_key(profile, digest), packs, reused=False)

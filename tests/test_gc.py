@@ -20,11 +20,10 @@ import pytest
 from builder.errors import BadInputError, IntegrityError
 from builder.gc import GcPolicy, GcResult, choose_blobs, choose_manifests, plan_gc, run_gc
 from builder.manifest import Manifest, blob_key, manifest_key
-from builder.pack import PackResult, write_artifact
+from builder.pack import PackResult
 from builder.publish import PublishResult, publish
 from builder.stores import FileStore, Store, StoredBlob, StoredManifest, open_store
-from builder.tools import run_uv
-from tests.helpers import run_cli
+from tests.helpers import pack_wheels, run_cli
 from tests.support.services import AzuriteEndpoint
 from tests.support.wheels import build_wheel
 
@@ -93,24 +92,6 @@ class Packs:
     by_name: dict[str, PackResult]
 
 
-def _pack(work: Path, packs: Path, wheels: list[Path], profile: str, name: str) -> PackResult:
-    tree = work / f"tree-{name}"
-    done = run_uv(["pip", "install", "--target", str(tree), "--no-deps", *map(str, wheels)])
-    assert done.returncode == 0, done.stderr
-    digest = hashlib.sha256(name.encode()).hexdigest()
-    manifest = write_artifact(
-        tree,
-        packs,
-        profile=profile,
-        digest=digest,
-        python="3.11",
-        platform="x86_64-manylinux_2_28",
-        install_dir="/shared-packages",
-        shard_threshold=50_000,
-    )
-    return PackResult(manifest, packs / manifest_key(profile, digest), packs, reused=False)
-
-
 @pytest.fixture(scope="module")
 def packs(tmp_path_factory: pytest.TempPathFactory) -> Packs:
     """Five versions of two profiles; every digest shares one big shard, each profile's
@@ -130,7 +111,7 @@ def packs(tmp_path_factory: pytest.TempPathFactory) -> Packs:
         for version in range(1, 6):
             app = wheel(f"app-{profile}", f"{version}.0", 80_000 + version)
             name = f"{profile}-v{version}"
-            found[name] = _pack(work, work / "packs", [shared, base, app], profile, name)
+            found[name] = pack_wheels(work, work / "packs", [shared, base, app], profile, name)
     return Packs(work / "packs", found)
 
 
@@ -302,9 +283,9 @@ def race(tmp_path_factory: pytest.TempPathFactory) -> RaceSetup:
     # one, so the two meet somewhere in the middle.
     shared = [wheel(f"shared-{i}", 60_000 + i) for i in range(12)]
     packs = work / "packs"
-    old = _pack(work, packs, [*shared, wheel("old-app", 70_000)], "race", "race-old")
-    new = _pack(work, packs, [wheel("new-app", 70_001)], "race", "race-new")
-    reuser = _pack(work, packs, [*shared, wheel("other-app", 70_002)], "other", "other-1")
+    old = pack_wheels(work, packs, [*shared, wheel("old-app", 70_000)], "race", "race-old")
+    new = pack_wheels(work, packs, [wheel("new-app", 70_001)], "race", "race-new")
+    reuser = pack_wheels(work, packs, [*shared, wheel("other-app", 70_002)], "other", "other-1")
     common = {s.sha256 for s in old.manifest.shards} & {s.sha256 for s in reuser.manifest.shards}
     assert len(common) >= 12
     return RaceSetup(old, new, reuser, frozenset(common))

@@ -24,9 +24,8 @@ from builder.pack import PackResult, write_artifact
 from builder.publish import publish
 from builder.stores import AzureStore, FileStore, Store, open_store
 from builder.stores.sas import make_read_sas
-from builder.tools import run_uv
 from builder.verify import BlobHashes, hash_stream, judge
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, pack_wheels, run_cli
 from tests.support.services import AzuriteEndpoint
 from tests.support.wheels import build_wheel
 
@@ -36,24 +35,6 @@ class Packs:
     folder: Path
     a: PackResult
     b: PackResult
-
-
-def _pack(work: Path, packs: Path, wheels: list[Path], profile: str) -> PackResult:
-    tree = work / f"tree-{profile}"
-    done = run_uv(["pip", "install", "--target", str(tree), "--no-deps", *map(str, wheels)])
-    assert done.returncode == 0, done.stderr
-    digest = hashlib.sha256(profile.encode()).hexdigest()
-    manifest = write_artifact(
-        tree,
-        packs,
-        profile=profile,
-        digest=digest,
-        python="3.11",
-        platform="x86_64-manylinux_2_28",
-        install_dir="/shared-packages",
-        shard_threshold=50_000,
-    )
-    return PackResult(manifest, packs / manifest_key(profile, digest), packs, reused=False)
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +48,8 @@ def packs(tmp_path_factory: pytest.TempPathFactory) -> Packs:
         return build_wheel(wheels, name, "1.0", files=files)
 
     shared = wheel("shared-lib", 300_000)
-    a = _pack(work, work / "packs", [shared, wheel("app-a", 90_000)], "prof-a")
-    b = _pack(work, work / "packs", [shared, wheel("app-b", 80_000)], "prof-b")
+    a = pack_wheels(work, work / "packs", [shared, wheel("app-a", 90_000)], "prof-a", "prof-a")
+    b = pack_wheels(work, work / "packs", [shared, wheel("app-b", 80_000)], "prof-b", "prof-b")
     return Packs(work / "packs", a, b)
 
 

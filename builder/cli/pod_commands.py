@@ -44,6 +44,14 @@ _DELIVERY_HELP = (
     "image-volume (the registry's image mounted read-only; Kubernetes with image volumes)."
 )
 
+delivery_option = click.option(
+    "--delivery",
+    type=click.Choice(DELIVERIES),
+    default="blob",
+    show_default=True,
+    help=_DELIVERY_HELP,
+)
+
 
 def _snippet(found: Published, delivery: str, image: str | None, secret: str | None) -> PodSnippet:
     """The pod snippet for one delivery: a registry's images come from the store, by digest."""
@@ -95,13 +103,7 @@ def _snippet(found: Published, delivery: str, image: str | None, secret: str | N
 )
 @click.option("--image", metavar="IMAGE", help="The init image, for the snippet.")
 @click.option("--secret", metavar="NAME", help="A Secret whose key 'sas' holds the SAS.")
-@click.option(
-    "--delivery",
-    type=click.Choice(DELIVERIES),
-    default="blob",
-    show_default=True,
-    help=_DELIVERY_HELP,
-)
+@delivery_option
 @json_option
 def init_script_command(
     profile: Path,
@@ -187,13 +189,7 @@ def k8s_group() -> None:
 @lock_option
 @click.option("--image", metavar="IMAGE", help="The init image (default gpubuild-init:<tag>).")
 @click.option("--secret", metavar="NAME", help="A Secret whose key 'sas' holds the SAS.")
-@click.option(
-    "--delivery",
-    type=click.Choice(DELIVERIES),
-    default="blob",
-    show_default=True,
-    help=_DELIVERY_HELP,
-)
+@delivery_option
 @click.option("--dry-run", is_flag=True, help="Print the diff; leave the file as it is.")
 @json_option
 def k8s_patch_command(

@@ -159,15 +159,22 @@ class Store:
             return False
         return True
 
-    def blob_digest(self, sha256: str) -> tuple[str, int] | None:
-        """(sha256, size) of what the store really holds as blob `sha256`, read in a stream
-        (bounded memory); None when it has no such blob."""
+    def open_blob_if_present(self, sha256: str) -> BinaryIO | None:
+        """`open_blob`, or None when the store has no such blob (a blob that is there but
+        cannot be read still raises)."""
         try:
-            stream = self.open_blob(sha256)
+            return self.open_blob(sha256)
         except StoreError:
             if self.has_blob(sha256) is None:
                 return None
             raise
+
+    def blob_digest(self, sha256: str) -> tuple[str, int] | None:
+        """(sha256, size) of what the store really holds as blob `sha256`, read in a stream
+        (bounded memory); None when it has no such blob."""
+        stream = self.open_blob_if_present(sha256)
+        if stream is None:
+            return None
         digest, size = hashlib.sha256(), 0
         try:
             while chunk := stream.read(COPY_CHUNK):
