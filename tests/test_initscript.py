@@ -110,7 +110,11 @@ def make_artifact(work: Path, store: Path, wheels: list[Path], seed: str, alpha:
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
-    work = tmp_path_factory.mktemp("artifacts")
+    return build_artifacts(tmp_path_factory.mktemp("artifacts"))
+
+
+def build_artifacts(work: Path) -> Artifacts:
+    """Two sets, A and B, that share the big package's shard, in one file store."""
     wheels = build_wheels(work / "wheels")
     store = work / "store"
     a = make_artifact(work, store, [wheels["alpha1"], wheels["beta"], wheels["bigpkg"]], "A", "1.0")

@@ -8,7 +8,9 @@
 #   GPUBUILD_STORE_URL  the store (the folder holding blobs/), overriding the one written in
 #   GPUBUILD_SAS        a SAS token appended to every blob URL (never printed)
 #   GPUBUILD_SAS_FILE   a file holding the SAS token (a mounted Secret)
-#   GPUBUILD_PARALLEL   shards downloaded at once (default: two per core, 4 to 16)
+#   GPUBUILD_PARALLEL   shards downloaded at once (default: two per usable core, 4 to 16)
+#   GPUBUILD_UNPACKERS  shards hashed and unpacked at once (default: the usable cores, that
+#                       is nproc capped by the container's CPU limit, from its cgroup)
 #   GPUBUILD_RETRIES    download attempts per shard (default 5); between two, a wait drawn at
 #                       random from 0 to 1, 2, 4 ... 30 s (full jitter, so that many pods
 #                       throttled at once do not come back at once), after what the store's
@@ -137,7 +139,22 @@ die() {
 }
 
 now_ms() {
-  date +%s%3N
+  local now=${EPOCHREALTIME:-}
+  if [[ $now =~ ^([0-9]+)[.,]([0-9]{3}) ]]; then
+    printf '%s%s' "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"
+  else
+    date +%s%3N
+  fi
+}
+
+# now_ms without a subshell: sets NOW_MS (the main loop asks ten times a second).
+read_clock() {
+  local now=${EPOCHREALTIME:-}
+  if [[ $now =~ ^([0-9]+)[.,]([0-9]{3}) ]]; then
+    NOW_MS=${BASH_REMATCH[1]}${BASH_REMATCH[2]}
+  else
+    NOW_MS=$(date +%s%3N)
+  fi
 }
 
 # 123456789 -> "123.5 MB", 3325 -> "3.3 kB" (decimal units).
@@ -197,6 +214,66 @@ check_target() {
   TARGET=$target
 }
 
+# The tightest CPU limit, in whole cores rounded up, on the cgroup of this process ($1:
+# /proc/self/cgroup) and its ancestors, under the cgroup mounts in $2 (/sys/fs/cgroup): v2's
+# cpu.max ("200000 100000"), v1's cpu.cfs_quota_us over cpu.cfs_period_us. Prints nothing
+# when there is no limit. A container sees its own cgroup as the mount's top folder; the walk
+# up the path finds it there as well as on a host.
+cgroup_cpu_limit() {
+  local proc_cgroup=$1 root=$2 line controllers own path base dir best="" quota period cores
+  [[ -r $proc_cgroup ]] || return 0
+  while IFS= read -r line; do
+    [[ $line =~ ^[0-9]+:([^:]*):(/.*)$ ]] || continue
+    controllers=${BASH_REMATCH[1]}
+    own=${BASH_REMATCH[2]}
+    local -a bases=()
+    if [[ -z $controllers ]]; then
+      bases=("$root" "$root/unified")
+    elif [[ ,$controllers, == *,cpu,* ]]; then
+      bases=("$root/$controllers" "$root/cpu" "$root/cpu,cpuacct")
+    fi
+    for base in "${bases[@]}"; do
+      [[ -d $base ]] || continue
+      path=$own
+      while :; do
+        dir=$base${path%/}
+        quota="" period=""
+        if [[ -z $controllers && -r $dir/cpu.max ]]; then
+          read -r quota period <"$dir/cpu.max" 2>/dev/null || true
+        elif [[ -n $controllers && -r $dir/cpu.cfs_quota_us && -r $dir/cpu.cfs_period_us ]]; then
+          read -r quota <"$dir/cpu.cfs_quota_us" 2>/dev/null || true
+          read -r period <"$dir/cpu.cfs_period_us" 2>/dev/null || true
+        fi
+        if [[ $quota =~ ^[0-9]{1,15}$ && $period =~ ^[0-9]{1,15}$ ]] && (( period > 0 && quota > 0 )); then
+          cores=$(( (quota + period - 1) / period ))
+          if [[ -z $best ]] || (( cores < best )); then
+            best=$cores
+          fi
+        fi
+        [[ $path != / ]] || break
+        path=${path%/*}
+        [[ -n $path ]] || path=/
+      done
+    done
+  done <"$proc_cgroup"
+  printf '%s' "$best"
+}
+
+# CORES: what this container may compute with: nproc (its CPU affinity) capped by its CPU
+# limit, which nproc does not see (limits.cpu: 2 on a 64-core node still says 64).
+# CORES_FROM says which of the two it is, for the log.
+usable_cores() {
+  local limit
+  CORES=$(nproc 2>/dev/null) || CORES=""
+  [[ $CORES =~ ^[1-9][0-9]{0,4}$ ]] || CORES=4
+  CORES_FROM="nproc"
+  limit=$(cgroup_cpu_limit /proc/self/cgroup /sys/fs/cgroup)
+  if [[ -n $limit ]] && (( limit < CORES )); then
+    CORES=$limit
+    CORES_FROM="the container's CPU limit"
+  fi
+}
+
 read_settings() {
   check_target "${GPUBUILD_TARGET:-$DEFAULT_TARGET}"
   STATE="$TARGET/.gpubuild"
@@ -242,23 +319,28 @@ read_settings() {
     SAS_SOURCE="none"
   fi
 
-  local cores
-  cores=$(nproc 2>/dev/null || echo 4)
-  # Two workers per core (at least 4, at most 16): each one downloads, then hashes, then unpacks,
-  # so with two per core one computes while the other waits for the network or the disk
-  # (torch-cu121 on 2 cores: 11-12 s with 2 workers, 9-10 s with 4).
-  local workers=$(( 2 * cores ))
+  usable_cores
+  # Two downloads per core (at least 4, at most 16): a download mostly waits for the network,
+  # so more of them than cores keep the link busy; hashing and unpacking, which only compute
+  # and write, go no more than one per core (UNPACKERS): more decoders than cores only evict
+  # each other's caches (torch-cu121 on 2 cores: 21-22 CPU-s unpacking 4 at once, 19.7 with 2,
+  # in the same wall time).
+  local workers=$(( 2 * CORES ))
   (( workers >= 4 )) || workers=4
   (( workers <= 16 )) || workers=16
   PARALLEL=${GPUBUILD_PARALLEL:-$workers}
+  UNPACKERS=${GPUBUILD_UNPACKERS:-$CORES}
   RETRIES=${GPUBUILD_RETRIES:-5}
   STALL_SECONDS=${GPUBUILD_STALL_SECONDS:-60}
   local name
-  for name in PARALLEL RETRIES STALL_SECONDS; do
+  for name in PARALLEL UNPACKERS RETRIES STALL_SECONDS; do
     if [[ ! ${!name} =~ ^[1-9][0-9]{0,4}$ ]]; then
       die "GPUBUILD_$name must be a whole number from 1 (got '${!name}')"
     fi
   done
+  # More unpackers than downloads could never all be busy.
+  (( UNPACKERS <= PARALLEL )) || UNPACKERS=$PARALLEL
+  (( UNPACKERS <= 256 )) || UNPACKERS=256
 }
 
 check_tools() {
@@ -541,6 +623,34 @@ download_shard() {
   return "$rc"
 }
 
+# Unpack slots: UNPACKERS tokens in a FIFO that every worker inherits open. A worker takes one
+# (a blocking read of one byte, no polling) before it hashes and unpacks, and gives it back
+# after. Should a token ever be lost (a worker killed from outside), a wait of a minute ends
+# the wait without one rather than let the others hang.
+open_unpack_slots() {
+  local count
+  mkfifo -m 600 -- "$WORK/unpack-slots" "$WORK/tick" || die "cannot create FIFOs in $WORK"
+  exec {SLOTS_FD}<>"$WORK/unpack-slots" {TICK_FD}<>"$WORK/tick"
+  for (( count = 0; count < UNPACKERS; count++ )); do
+    printf x >&"$SLOTS_FD"
+  done
+}
+
+# Sets SLOT_HELD: yes, or no when the wait timed out.
+take_unpack_slot() {
+  SLOT_HELD=no
+  if read -r -n 1 -t 60 -u "$SLOTS_FD" _; then
+    SLOT_HELD=yes
+  fi
+}
+
+give_unpack_slot() {
+  if [[ $SLOT_HELD == yes ]]; then
+    printf x >&"$SLOTS_FD"
+    SLOT_HELD=no
+  fi
+}
+
 # One attempt at one shard: download (or resume), verify, and only then unpack. On failure
 # prints "<class> <message>", the class being one of
 #   transport  the store could not be reached or cut the stream (worth another attempt)
@@ -557,6 +667,16 @@ fetch_shard_once() {
     download_failure "$sha" "$rc" "$dir/curl.err"
     return 1
   fi
+  take_unpack_slot
+  unpack_verified "$sha" "$bytes" "$files" "$dir" "$part" || rc=$?
+  give_unpack_slot
+  return "$rc"
+}
+
+# Hashes the downloaded shard $5 and, only when it is the pinned one, unpacks it into staging
+# and checks its member count (see fetch_shard_once).
+unpack_verified() {
+  local sha=$1 bytes=$2 files=$3 dir=$4 part=$5
   local got="" size
   size=$(file_size "$part")
   read -r got _ < <("${HASHER[@]}" <"$part") || true
@@ -734,8 +854,9 @@ count_of() {
 fetch_all() {
   FAILURE_CLASS=""
   FAILURE=""
-  local count=${#SHAS[@]} next=0 finished=0 finished_bytes=0 started last_beat now retried
-  started=$(now_ms)
+  local count=${#SHAS[@]} next=0 finished=0 finished_bytes=0 started last_beat retried
+  read_clock
+  started=$NOW_MS
   last_beat=$started
   while (( finished < count )) && [[ -z $FAILURE_CLASS ]]; do
     while (( next < count && ${#WORKERS[@]} < PARALLEL )); do
@@ -773,11 +894,12 @@ fetch_all() {
       log "shard $finished/$count done: ${LABELS[$index]} $(format_mb "${BYTES[$index]}"), $(count_of "${FILES[$index]}" file) in $(format_seconds "$rest") ($(format_rate "${BYTES[$index]}" "$rest"))"
     done
     if (( ${#WORKERS[@]} )) && [[ -z $FAILURE_CLASS ]]; then
-      sleep 0.1
-      now=$(now_ms)
-      if (( now - last_beat >= 10000 )); then
-        last_beat=$now
-        log "progress: $finished/$count shards, $(format_mb "$finished_bytes") of $(format_mb "$TOTAL_BYTES") after $(format_seconds $(( now - started )))"
+      # A tenth of a second, waited by bash itself: nothing ever writes to the tick FIFO.
+      read -r -t 0.1 -u "$TICK_FD" _ || true
+      read_clock
+      if (( NOW_MS - last_beat >= 10000 )); then
+        last_beat=$NOW_MS
+        log "progress: $finished/$count shards, $(format_mb "$finished_bytes") of $(format_mb "$TOTAL_BYTES") after $(format_seconds $(( NOW_MS - started )))"
       fi
     fi
   done
@@ -882,6 +1004,10 @@ declare -A WORKERS=()
 declare -a SHAS=() BYTES=() FILES=() LABELS=()
 WORK=""
 RETRIED=0
+NOW_MS=0
+SLOTS_FD=""
+TICK_FD=""
+SLOT_HELD=no
 
 cleanup() {
   local code=$?
@@ -943,8 +1069,9 @@ main() {
     load_shards
     check_space
     log "installing $PROFILE $DIGEST into $TARGET: $(count_of "${#SHAS[@]}" shard), $(format_mb "$TOTAL_BYTES") to download, $(format_mb "$TOTAL_RAW_BYTES") and $(count_of "$TOTAL_FILES" file) unpacked"
-    log "store $(redact "$STORE_URL") (SAS: $SAS_SOURCE); $PARALLEL downloads at once, $RETRIES attempts each; unpacking with $( [[ $EXTRACTOR == bsdtar ]] && echo bsdtar || echo 'zstd | GNU tar')"
+    log "store $(redact "$STORE_URL") (SAS: $SAS_SOURCE); $PARALLEL downloads at once ($RETRIES attempts each), $UNPACKERS unpacking at once ($(count_of "$CORES" core) usable, by $CORES_FROM); unpacking with $( [[ $EXTRACTOR == bsdtar ]] && echo bsdtar || echo 'zstd | GNU tar')"
     make_skeleton
+    open_unpack_slots
     if ! fetch_all; then
       if [[ $FAILURE_CLASS == unreachable && $pip_installed == yes ]]; then
         log "WARNING: $FAILURE; keeping the set the pip fallback installed earlier"
