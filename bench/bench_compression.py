@@ -3,12 +3,16 @@ start each would give on a 16-core node at 1 GB/s and at 200 MB/s.
 
     .venv/bin/python bench/bench_compression.py --profile profiles/torch-cu121.toml \\
         --index pytorch-cu121=default [--levels 1,3,6,9,3L,9L]
+    .venv/bin/python bench/bench_compression.py --profile profiles/torch-cu121.toml \\
+        --index pytorch-cu121=default --levels 9,F3,lz4-1,lz4-9 \\
+        --out bench/results/transports-torch-cu121.json
 
 Every shard's tar (the packed profile's, decompressed once) is compressed with the zstd CLI at
-each level ("L": with --long=27), then decompressed to /dev/null on one core (a pod decodes each
-shard in one stream). The projection takes the other stages' costs per GB from
-bench/results/stages-<profile>.json (run bench_stages.py first): CPU = hash x compressed +
-decode + file writes x raw, and
+each level ("L": with --long=27; "F3": --fast=3; "lz4-N": the lz4 CLI at level N, for the
+lighter transports a CPU-capped pod might want), then decompressed to /dev/null on one core (a
+pod decodes each shard in one stream). The projection takes the other stages' costs per GB from
+bench/results/stages-<profile>.json (run bench_stages.py first): CPU = (receive + hash) x
+compressed + decode + file writes x raw, and
     pod start = max(compressed / bandwidth, CPU / 16) + the largest shard's own hash+decode+write.
 Writes bench/results/compression-<profile>.json.
 """
@@ -47,9 +51,20 @@ def cpu_of(argv: list[str], **kwargs: object) -> float:
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def zstd_args(level: str) -> list[str]:
-    number = level.rstrip("L")
-    return [f"-{number}", *(["--long=27"] if level.endswith("L") else [])]
+def compress_argv(level: str, source: Path, dest: Path) -> list[str]:
+    if level.startswith("lz4-"):
+        return ["lz4", "-q", "-f", f"-{level.removeprefix('lz4-')}", str(source), str(dest)]
+    if level.startswith("F"):
+        options = [f"--fast={level.removeprefix('F')}"]
+    else:
+        options = [f"-{level.rstrip('L')}", *(["--long=27"] if level.endswith("L") else [])]
+    return ["zstd", "-q", "-f", "-T0", *options, str(source), "-o", str(dest)]
+
+
+def decompress_argv(level: str, packed: Path) -> list[str]:
+    if level.startswith("lz4-"):
+        return ["lz4", "-d", "-q", "-c", str(packed)]
+    return ["zstd", "-d", "-q", "-c", "--long=31", str(packed)]
 
 
 def main() -> None:
@@ -70,6 +85,7 @@ def main() -> None:
     stages_file = REPO / "bench" / "results" / f"stages-{profile.name}.json"
     stages = json.loads(stages_file.read_text())["stages"]
     hash_per_gb = stages["hash (openssl sha256)"]["cpu_s_per_gb"]
+    receive_per_gb = stages["download (curl to file)"]["cpu_s_per_gb"]
     extract = stages.get("extract (bsdtar, in-process)", stages["extract (zstd | GNU tar)"])
     write_per_gb = max(0.0, extract["cpu_s_per_gb"] - stages["decompress (zstd)"]["cpu_s_per_gb"])
     raw_total = sum(s.raw_bytes for s in manifest.shards)
@@ -90,21 +106,22 @@ def main() -> None:
             largest_bytes = largest_decode = 0.0
             start = time.perf_counter()
             for shard, tar in tars:
-                packed = tar.with_suffix(".zst")
-                subprocess.run(["zstd", "-q", "-f", "-T0", *zstd_args(level), str(tar), "-o",
-                                str(packed)], check=True)  # fmt: skip
+                packed = tar.with_suffix(".packed")
+                subprocess.run(compress_argv(level, tar, packed), check=True)
                 size = packed.stat().st_size
                 compressed += size
                 drop_caches()
-                seconds = cpu_of(
-                    ["zstd", "-d", "-q", "-c", "--long=31", str(packed)], stdout=subprocess.DEVNULL
-                )
+                seconds = cpu_of(decompress_argv(level, packed), stdout=subprocess.DEVNULL)
                 decode += seconds
                 if shard is largest:
                     largest_bytes, largest_decode = size, seconds
                 packed.unlink()
             pack_seconds = time.perf_counter() - start
-            cpu = hash_per_gb * compressed / GB + decode + write_per_gb * raw_total / GB
+            cpu = (
+                (receive_per_gb + hash_per_gb) * compressed / GB
+                + decode
+                + write_per_gb * raw_total / GB
+            )
             tail = (
                 hash_per_gb * largest_bytes / GB
                 + largest_decode
@@ -132,6 +149,7 @@ def main() -> None:
         "raw_bytes": raw_total,
         "default_level": ZSTD_LEVEL,
         "hash_cpu_s_per_gb": hash_per_gb,
+        "receive_cpu_s_per_gb": receive_per_gb,
         "write_cpu_s_per_raw_gb": write_per_gb,
         "rows": rows,
     }

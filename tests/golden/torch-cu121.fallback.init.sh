@@ -35,7 +35,8 @@
 #      below before a single byte of it is unpacked: a shard that fails the check is deleted
 #      and downloaded again, so nothing a rejected stream carried can reach the set.
 #   2. Verified shards unpack in parallel into staging-<digest> (bsdtar, which decompresses
-#      zstd in-process, or zstd -d | GNU tar), after the whole directory skeleton exists:
+#      zstd in-process, or zstd -d | GNU tar), one per usable core at most while the other
+#      downloads go on, after the whole directory skeleton exists:
 #      parallel tar processes racing to create the same folders silently lose files
 #      (pghoard#452; seen here: up to 48 of 12,699 files missing). Each shard's member count
 #      and exit status are checked; shards are disjoint, so together they prove the tree's
@@ -574,7 +575,7 @@ read_settings() {
 
 check_tools() {
   local tool missing=()
-  for tool in curl zstd tar sha256sum flock find grep df date sleep sed stat chmod cut tr tail; do
+  for tool in curl zstd tar sha256sum flock find grep df date sleep sed stat chmod cut tr tail mkfifo; do
     command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
   done
   if (( ${#missing[@]} )); then
