@@ -1,7 +1,7 @@
 """How many shards the init script hashes and unpacks at once: no more than the cores the
 container may use, which is nproc capped by the CPU limit of its cgroup (v1 or v2). Tested by
-running the script: a bsdtar wrapper records when each unpack runs, and a real cgroup with a
-one-core quota stands for a pod's `limits.cpu`."""
+running the script: bsdtar and openssl wrappers record when each unpack and hash runs, and a
+real cgroup with a one-core quota stands for a pod's `limits.cpu`."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import pytest
 
 from builder.initscript import render_init_script
 from builder.manifest import Manifest
+from tests.support.faults import ScriptedStore, Serve, blob_path
 from tests.support.users import is_root
 from tests.test_initscript import (
     Artifacts,
@@ -64,7 +65,8 @@ def cpu_limit(root: Path, proc_cgroup: str) -> str:
         [
             "bash",
             "-c",
-            _cgroup_function() + 'cgroup_cpu_limit "$1" "$2"',
+            # The script's own mode: an unset variable or a failing command would end it.
+            "set -euo pipefail\n" + _cgroup_function() + 'cgroup_cpu_limit "$1" "$2"',
             "cgroup",
             str(root / "proc-cgroup"),
             str(root / "fs"),
@@ -97,6 +99,24 @@ def test_v2_takes_the_tightest_limit_on_the_way_up(tmp_path: Path) -> None:
     assert cpu_limit(tmp_path, "0::/kubepods/pod1/init\n") == "4"
     write(fs / "kubepods" / "pod1" / "init" / "cpu.max", "50000 100000")
     assert cpu_limit(tmp_path, "0::/kubepods/pod1/init\n") == "1"
+
+
+def test_v2_without_a_namespace_finds_the_limit_at_the_top_of_its_mount(tmp_path: Path) -> None:
+    """The path names the host's folders; the container's mount is its own cgroup."""
+    write(tmp_path / "fs" / "cpu.max", "300000 100000")
+    assert cpu_limit(tmp_path, "0::/kubepods.slice/pod-1.slice/cri-0123.scope\n") == "3"
+
+
+def test_a_hybrid_host_reads_v1_cpu_and_the_unified_mount(tmp_path: Path) -> None:
+    fs = tmp_path / "fs"
+    write(fs / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1")
+    write(fs / "cpu,cpuacct" / "cpu.cfs_period_us", "100000")
+    write(fs / "unified" / "job" / "cpu.max", "200000 100000")
+    lines = "5:cpu,cpuacct:/job\n0::/job\n"
+    assert cpu_limit(tmp_path, lines) == "2"
+    write(fs / "cpu,cpuacct" / "job" / "cpu.cfs_quota_us", "100000")
+    write(fs / "cpu,cpuacct" / "job" / "cpu.cfs_period_us", "100000")
+    assert cpu_limit(tmp_path, lines) == "1"
 
 
 def test_v1_reads_the_cfs_quota_of_joined_controllers(tmp_path: Path) -> None:
@@ -142,7 +162,13 @@ def test_no_limit_or_an_unreadable_one_means_none(
 
 def test_no_proc_file_means_no_limit(tmp_path: Path) -> None:
     done = subprocess.run(
-        ["bash", "-c", _cgroup_function() + 'cgroup_cpu_limit "$1" /sys/fs/cgroup', "x", "/nope"],
+        [
+            "bash",
+            "-c",
+            "set -euo pipefail\n" + _cgroup_function() + 'cgroup_cpu_limit "$1" /sys/fs/cgroup',
+            "x",
+            "/nope",
+        ],
         capture_output=True,
         text=True,
         check=False,
@@ -153,32 +179,36 @@ def test_no_proc_file_means_no_limit(tmp_path: Path) -> None:
 # --- unpack slots, by running the script -----------------------------------------------------
 
 
-def bsdtar_recorder(folder: Path, log: Path) -> str:
-    """A PATH whose bsdtar notes when each extraction starts and ends (and lingers a little,
-    so that extractions that may overlap do)."""
-    real = shutil.which("bsdtar")
-    assert real is not None, "bsdtar (Debian's libarchive-tools) is needed"
+def slot_recorder(folder: Path, log: Path) -> str:
+    """A PATH whose bsdtar (extracting) and openssl (hashing), the work an unpack slot covers,
+    note when each run starts and ends, and linger a little so that runs that may overlap do."""
     folder.mkdir()
-    wrapper = folder / "bsdtar"
-    wrapper.write_text(
-        "#!/bin/bash\n"
-        f'if [[ " $* " == *" -x "* ]]; then\n'
-        f'  echo "start $(date +%s%N)" >>{log}\n'
-        "  sleep 0.4\n"
-        f'  {real} "$@"; rc=$?\n'
-        f'  echo "end $(date +%s%N)" >>{log}\n'
-        "  exit $rc\n"
-        "fi\n"
-        f'exec {real} "$@"\n'
-    )
-    wrapper.chmod(0o755)
+    for program, marker in (("bsdtar", "-x"), ("openssl", "dgst")):
+        real = shutil.which(program)
+        assert real is not None, f"{program} is needed"
+        wrapper = folder / program
+        wrapper.write_text(
+            "#!/bin/bash\n"
+            f'if [[ " $* " == *" {marker} "* ]]; then\n'
+            f'  echo "start $(date +%s%N) {program}" >>{log}\n'
+            "  sleep 0.3\n"
+            # The end is noted before the output goes on: the script reads the digest
+            # through a pipe and goes on as soon as it has it.
+            f'  out=$({real} "$@"); rc=$?\n'
+            f'  echo "end $(date +%s%N) {program}" >>{log}\n'
+            '  [[ -z $out ]] || printf "%s\\n" "$out"\n'
+            "  exit $rc\n"
+            "fi\n"
+            f'exec {real} "$@"\n'
+        )
+        wrapper.chmod(0o755)
     return f"{folder}{os.pathsep}{os.environ['PATH']}"
 
 
 def most_at_once(log: Path) -> int:
     events = []
     for line in log.read_text().splitlines():
-        kind, stamp = line.split()
+        kind, stamp, _program = line.split()
         events.append((int(stamp), 1 if kind == "start" else -1))
     # At one instant an end comes before a start: touching intervals do not overlap.
     events.sort(key=lambda event: (event[0], event[1]))
@@ -189,28 +219,34 @@ def most_at_once(log: Path) -> int:
     return peak
 
 
-@pytest.mark.parametrize(("unpackers", "expected"), [("1", 1), ("3", 3)])
-def test_no_more_shards_unpack_at_once_than_unpackers(
-    artifacts: Artifacts, tmp_path: Path, unpackers: str, expected: int
+@pytest.mark.parametrize("unpackers", [1, 3])
+def test_no_more_shards_hash_or_unpack_at_once_than_unpackers(
+    artifacts: Artifacts, tmp_path: Path, unpackers: int
 ) -> None:
     shards = len(artifacts.a.manifest.shards)
     assert shards >= 3, "the fixture needs several shards to show overlap"
     log = tmp_path / "unpacks.log"
-    path = bsdtar_recorder(tmp_path / "bin", log)
+    path = slot_recorder(tmp_path / "bin", log)
     target = tmp_path / "vol"
     target.mkdir()
     script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
     result = run_init(
         script,
         target,
-        {"PATH": path, "GPUBUILD_PARALLEL": "4", "GPUBUILD_UNPACKERS": unpackers},
+        {"PATH": path, "GPUBUILD_PARALLEL": "4", "GPUBUILD_UNPACKERS": str(unpackers)},
     )
     assert result.returncode == 0, result.stderr
     assert_installed(target, artifacts.a)
     assert f"4 downloads at once (2 attempts each), {unpackers} unpacking at once" in result.stderr
-    assert len(log.read_text().splitlines()) == 2 * shards
-    # 3 slots with 4 workers and 0.4 s per unpack: they do overlap (the bound is what binds).
-    assert most_at_once(log) == expected
+    lines = log.read_text().splitlines()
+    assert sum(line.endswith(" bsdtar") for line in lines) == 2 * shards
+    # One more hash: the script's probe of whether openssl hashes at all, before any worker.
+    assert sum(line.endswith(" openssl") for line in lines) == 2 * (shards + 1)
+    peak = most_at_once(log)
+    assert peak <= unpackers
+    if unpackers > 1:
+        # 4 workers, several shards, 0.3 s per step: without overlap the count proves nothing.
+        assert peak >= 2
 
 
 def test_unpackers_never_exceed_downloads_and_must_be_a_number(
@@ -229,6 +265,39 @@ def test_unpackers_never_exceed_downloads_and_must_be_a_number(
         assert refused.returncode != 0
         assert f"GPUBUILD_UNPACKERS must be a whole number from 1 (got '{bad}')" in refused.stderr
         assert list(other.iterdir()) == [] or not (other / ".gpubuild" / "installed").exists()
+
+
+def test_a_shard_rejected_once_gives_its_slot_back(artifacts: Artifacts, tmp_path: Path) -> None:
+    """One slot: a worker whose shard fails its sha256 must give the slot back before it
+    downloads again, or every other worker (and the retry) waits for ever."""
+    manifest = artifacts.a.manifest
+    victim = max(manifest.shards, key=lambda shard: shard.bytes)
+    target = tmp_path / "vol"
+    target.mkdir()
+    with ScriptedStore(artifacts.store) as server:
+        server.script(blob_path(victim.sha256), Serve(body=b"not the pinned bytes" * 100))
+        result = run_init(
+            write_script(tmp_path, manifest, server.url),
+            target,
+            {"GPUBUILD_PARALLEL": "4", "GPUBUILD_UNPACKERS": "1"},
+            timeout=90,
+        )
+        served = server.served(blob_path(victim.sha256))
+    assert result.returncode == 0, result.stderr
+    assert "sha256 mismatch" in result.stderr and len(served) == 2
+    assert_installed(target, artifacts.a)
+
+
+def test_omp_num_threads_does_not_shrink_the_cores(artifacts: Artifacts, tmp_path: Path) -> None:
+    """nproc obeys OMP_NUM_THREADS, which the worker image sets to 1; the script must not."""
+    target = tmp_path / "vol"
+    target.mkdir()
+    script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
+    result = run_init(script, target, {"OMP_NUM_THREADS": "1", "OMP_THREAD_LIMIT": "1"})
+    assert result.returncode == 0, result.stderr
+    cores = len(os.sched_getaffinity(0))
+    usable = f"{cores} core usable" if cores == 1 else f"{cores} cores usable"
+    assert f"({usable}, by nproc)" in result.stderr
 
 
 # --- a real cgroup with a one-core quota -----------------------------------------------------

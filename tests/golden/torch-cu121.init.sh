@@ -10,7 +10,8 @@
 #   GPUBUILD_SAS_FILE   a file holding the SAS token (a mounted Secret)
 #   GPUBUILD_PARALLEL   shards downloaded at once (default: two per usable core, 4 to 16)
 #   GPUBUILD_UNPACKERS  shards hashed and unpacked at once (default: the usable cores, that
-#                       is nproc capped by the container's CPU limit, from its cgroup)
+#                       is nproc capped by the container's CPU limit, from its cgroup; at most
+#                       GPUBUILD_PARALLEL and 256)
 #   GPUBUILD_RETRIES    download attempts per shard (default 5); between two, a wait drawn at
 #                       random from 0 to 1, 2, 4 ... 30 s (full jitter, so that many pods
 #                       throttled at once do not come back at once), after what the store's
@@ -261,11 +262,12 @@ cgroup_cpu_limit() {
 }
 
 # CORES: what this container may compute with: nproc (its CPU affinity) capped by its CPU
-# limit, which nproc does not see (limits.cpu: 2 on a 64-core node still says 64).
+# limit, which nproc does not see (limits.cpu: 2 on a 64-core node still says 64). nproc also
+# obeys OMP_NUM_THREADS, which the worker image sets to 1 for other reasons: not here.
 # CORES_FROM says which of the two it is, for the log.
 usable_cores() {
   local limit
-  CORES=$(nproc 2>/dev/null) || CORES=""
+  CORES=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null) || CORES=""
   [[ $CORES =~ ^[1-9][0-9]{0,4}$ ]] || CORES=4
   CORES_FROM="nproc"
   limit=$(cgroup_cpu_limit /proc/self/cgroup /sys/fs/cgroup)
@@ -626,21 +628,26 @@ download_shard() {
 
 # Unpack slots: UNPACKERS tokens in a FIFO that every worker inherits open. A worker takes one
 # (a blocking read of one byte, no polling) before it hashes and unpacks, and gives it back
-# after. Should a token ever be lost (a worker killed from outside), a wait of a minute ends
-# the wait without one rather than let the others hang.
+# after, whatever happened. No timeout: bash 5.2's `read -t` on a FIFO shared by several
+# readers can outlive its deadline in read(2), or take a byte and still report the timeout,
+# which would lose the token. A token is only lost with the worker holding it, and a worker
+# that ends without a result stops the whole run (fetch_all).
 open_unpack_slots() {
   local count
-  mkfifo -m 600 -- "$WORK/unpack-slots" "$WORK/tick" || die "cannot create FIFOs in $WORK"
+  mkfifo -m 600 -- "$WORK/unpack-slots" "$WORK/tick" ||
+    die "cannot create FIFOs in $WORK (a file system without them?); point TMPDIR at a local folder"
   exec {SLOTS_FD}<>"$WORK/unpack-slots" {TICK_FD}<>"$WORK/tick"
   for (( count = 0; count < UNPACKERS; count++ )); do
     printf x >&"$SLOTS_FD"
   done
 }
 
-# Sets SLOT_HELD: yes, or no when the wait timed out.
+# Sets SLOT_HELD to yes once a token is read (the status of read is not what says so).
 take_unpack_slot() {
+  local token=""
   SLOT_HELD=no
-  if read -r -n 1 -t 60 -u "$SLOTS_FD" _; then
+  read -r -n 1 -u "$SLOTS_FD" token || true
+  if [[ $token == x ]]; then
     SLOT_HELD=yes
   fi
 }
