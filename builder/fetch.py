@@ -27,6 +27,7 @@ from builder.fields import SHA256, relative_path_problem
 from builder.manifest import Manifest, Shard
 from builder.progress import Progress, silent
 from builder.stores import Store, open_store
+from builder.stores.base import HashingReader
 from builder.stores.urls import parse_oci_url
 from builder.units import megabytes, plural
 
@@ -61,21 +62,6 @@ def split_artifact_url(url: str) -> tuple[str, str, str]:
         )
     store_url = parts[0] + (sep + query if sep else "")
     return store_url, parts[1], parts[2]
-
-
-class _HashingReader:
-    """Reads from `source`, hashing and counting what passes."""
-
-    def __init__(self, source: BinaryIO) -> None:
-        self.source = source
-        self.sha256 = hashlib.sha256()
-        self.bytes = 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        self.sha256.update(data)
-        self.bytes += len(data)
-        return data
 
 
 def repair_advice(store: Store, shard: Shard) -> str:
@@ -169,7 +155,7 @@ def unpack_shard(source: Path, shard: Shard, into: Path, store: Store) -> None:
             source.open("rb") as raw,
             zstandard.ZstdDecompressor().stream_reader(raw, read_size=_CHUNK) as plain,
         ):
-            tar_bytes = _HashingReader(plain)
+            tar_bytes = HashingReader(plain)
             # tarfile reads any object with read(); typeshed asks for a full file object.
             stream = cast(BinaryIO, tar_bytes)
             with tarfile.open(fileobj=stream, mode="r|") as tar:

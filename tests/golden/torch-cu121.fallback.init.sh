@@ -369,16 +369,8 @@ die() {
   exit 1
 }
 
-now_ms() {
-  local now=${EPOCHREALTIME:-}
-  if [[ $now =~ ^([0-9]+)[.,]([0-9]{3}) ]]; then
-    printf '%s%s' "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"
-  else
-    date +%s%3N
-  fi
-}
-
-# now_ms without a subshell: sets NOW_MS (the main loop asks ten times a second).
+# Sets NOW_MS without a subshell (the main loop asks ten times a second): bash's own clock
+# where it has one (5.0+), else date.
 read_clock() {
   local now=${EPOCHREALTIME:-}
   if [[ $now =~ ^([0-9]+)[.,]([0-9]{3}) ]]; then
@@ -386,6 +378,11 @@ read_clock() {
   else
     NOW_MS=$(date +%s%3N)
   fi
+}
+
+now_ms() {
+  read_clock
+  printf '%s' "$NOW_MS"
 }
 
 # 123456789 -> "123.5 MB", 3325 -> "3.3 kB" (decimal units).
