@@ -8,9 +8,10 @@ start each would give on a 16-core node at 1 GB/s and at 200 MB/s.
         --out bench/results/transports-torch-cu121.json
 
 Every shard's tar (the packed profile's, decompressed once) is compressed with the zstd CLI at
-each level ("L": with --long=27; "F3": --fast=3; "lz4-N": the lz4 CLI at level N, for the
-lighter transports a CPU-capped pod might want), then decompressed to /dev/null on one core (a
-pod decodes each shard in one stream). The projection takes the other stages' costs per GB from
+each level ("L": with --long=27; "N": literals stored raw, --no-compress-literals, what pack
+writes; "F3": --fast=3; "lz4-N": the lz4 CLI at level N, for the lighter transports a
+CPU-capped pod might want), then decompressed to /dev/null on one core (a pod decodes each
+shard in one stream) from the page cache, as a pod reads the shard it has just downloaded. The projection takes the other stages' costs per GB from
 bench/results/stages-<profile>.json (run bench_stages.py first): CPU = (receive + hash) x
 compressed + decode + file writes x raw, and
     pod start = max(compressed / bandwidth, CPU / 16) + the largest shard's own hash+decode+write.
@@ -32,7 +33,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_unpack import drop_caches  # noqa: E402
 
 from builder.indexes import IndexSettings  # noqa: E402
 from builder.manifest import blob_key  # noqa: E402
@@ -57,7 +57,9 @@ def compress_argv(level: str, source: Path, dest: Path) -> list[str]:
     if level.startswith("F"):
         options = [f"--fast={level.removeprefix('F')}"]
     else:
-        options = [f"-{level.rstrip('L')}", *(["--long=27"] if level.endswith("L") else [])]
+        options = [f"-{level.rstrip('LN')}"]
+        options += ["--long=27"] if "L" in level else []
+        options += ["--no-compress-literals"] if "N" in level else []
     return ["zstd", "-q", "-f", "-T0", *options, str(source), "-o", str(dest)]
 
 
@@ -74,7 +76,7 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, default=REPO / "profiles" / "torch-cu121.toml")
     parser.add_argument("--index", action="append", default=[], metavar="NAME=URL")
     parser.add_argument("--work", type=Path, default=REPO / "bench" / "work")
-    parser.add_argument("--levels", default="1,3,6,9,3L,9L")
+    parser.add_argument("--levels", default="1,3,6,9,3L,9L,3N,9N,12N")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     pairs = (item.partition("=") for item in args.index)
@@ -110,7 +112,6 @@ def main() -> None:
                 subprocess.run(compress_argv(level, tar, packed), check=True)
                 size = packed.stat().st_size
                 compressed += size
-                drop_caches()
                 seconds = cpu_of(decompress_argv(level, packed), stdout=subprocess.DEVNULL)
                 decode += seconds
                 if shard is largest:
@@ -147,7 +148,7 @@ def main() -> None:
         "profile": profile.name,
         "machine": f"{os.cpu_count()} cores",
         "raw_bytes": raw_total,
-        "default_level": ZSTD_LEVEL,
+        "default_level": f"{ZSTD_LEVEL}N",  # pack stores literals raw
         "hash_cpu_s_per_gb": hash_per_gb,
         "receive_cpu_s_per_gb": receive_per_gb,
         "write_cpu_s_per_raw_gb": write_per_gb,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import os
 import tarfile
@@ -19,10 +20,11 @@ from collections.abc import Mapping
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import Any, BinaryIO, cast
 
 import zstandard
 
+from builder.errors import ToolFailedError
 from builder.files import work_folder, write_atomically
 from builder.indexes import IndexSettings, real_index_urls
 from builder.install import check_tree, disk_error, materialise
@@ -61,11 +63,11 @@ DEFAULT_SHARD_THRESHOLD = 16 * 2**20
 # largest shard is the critical path of an unpack on a big node, and decompressing and writing
 # cost by installed bytes (a compressed shard is smaller still).
 DEFAULT_SPLIT_BYTES = 256 * 2**20
-# Level 9: the shards are written once and downloaded and unpacked at every pod start. On the
-# torch-cu121 set it sends 13% fewer bytes than level 3 at the same decode cost, which gives the
-# shortest projected pod start of the levels measured at 1 GB/s and within 4% of the best
-# (level 9 with long-distance matching, whose 128 MiB window each parallel decoder would hold)
-# at 200 MB/s; packing takes about three times as long (bench/bench_compression.py, README).
+# Level 9 with its literals stored raw (not Huffman-coded): the shards are written once and
+# downloaded and unpacked at every pod start, where decoding is the largest cost. On the
+# torch-cu121 set raw literals send 11% more bytes than level 9's default and cut the pod's CPU
+# by 15% (its decoding by 28%): the shortest projected pod start at 1 GB/s and under the
+# generated `limits.cpu: 4`, 5% longer at 200 MB/s (bench/bench_compression.py, README).
 ZSTD_LEVEL = 9
 # 2000-01-01: any constant is reproducible, and one after 1980 keeps zipfile (which refuses
 # older dates) working on the unpacked files, e.g. when Ray zips a runtime_env folder.
@@ -136,6 +138,41 @@ def _zstd_threads() -> int:
     return max(1, (os.cpu_count() or 1) // 2)
 
 
+def shard_compressor() -> zstandard.ZstdCompressor:
+    """Level ZSTD_LEVEL, literals stored raw, no frame checksum, the same bytes on any machine.
+
+    python-zstandard's C backend does not offer zstd's literal compression mode; its cffi
+    backend, the same library built from the same sources, reaches it on the compressor's
+    context (which every stream keeps: a new stream resets the session, not the parameters)."""
+    try:
+        # Untyped (cffi), hence Any.
+        backend_cffi: Any = importlib.import_module("zstandard.backend_cffi")
+    except ImportError as exc:
+        raise ToolFailedError(
+            f"python-zstandard's cffi backend is not importable ({exc}): install the cffi package"
+        ) from exc
+    # No zstd frame checksum: the sha256 of the shard (checked before unpacking) and of its
+    # tar cover the bytes, and every decoder would spend a pass on XXH64 for nothing.
+    parameters = backend_cffi.ZstdCompressionParameters.from_level(
+        ZSTD_LEVEL, threads=_zstd_threads(), write_checksum=0
+    )
+    compressor = backend_cffi.ZstdCompressor(compression_params=parameters)
+    context = getattr(compressor, "_cctx", None)
+    lib: Any = getattr(backend_cffi, "lib", None)
+    if context is None or not hasattr(lib, "ZSTD_c_literalCompressionMode"):
+        raise ToolFailedError(
+            f"python-zstandard {zstandard.__version__} does not expose zstd's literal compression"
+            " mode the way gpubuild reaches it (0.25 does)"
+        )
+    result = lib.ZSTD_CCtx_setParameter(
+        context, lib.ZSTD_c_literalCompressionMode, lib.ZSTD_ps_disable
+    )
+    if lib.ZSTD_isError(result):
+        name = backend_cffi.ffi.string(lib.ZSTD_getErrorName(result)).decode()
+        raise ToolFailedError(f"zstd refused to store literals raw: {name}")
+    return cast(zstandard.ZstdCompressor, compressor)
+
+
 def write_shard(
     tree: Path, plan: ShardPlan, entries: Mapping[str, Entry], blobs: Path, work: Path
 ) -> Shard:
@@ -153,11 +190,7 @@ def write_shard(
             compressed = _Hashing(output)
             # zstandard and tarfile ask for a file object; _Hashing is one (a raw writer).
             compressed_io = cast(BinaryIO, compressed)
-            # No zstd frame checksum: the sha256 of the shard (checked before unpacking) and of
-            # its tar cover the bytes, and every decoder would spend a pass on XXH64 for nothing.
-            compressor = zstandard.ZstdCompressor(
-                level=ZSTD_LEVEL, threads=_zstd_threads(), write_checksum=False
-            )
+            compressor = shard_compressor()
             with compressor.stream_writer(compressed_io, closefd=False) as zstd_stream:
                 raw = _Hashing(cast(BinaryIO, zstd_stream))
                 archive = tarfile.TarFile(
