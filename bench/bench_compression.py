@@ -11,9 +11,10 @@ Every shard's tar (the packed profile's, decompressed once) is compressed with t
 each level ("L": with --long=27; "N": literals stored raw, --no-compress-literals, what pack
 writes; "F3": --fast=3; "lz4-N": the lz4 CLI at level N, for the lighter transports a
 CPU-capped pod might want), then decompressed to /dev/null on one core (a pod decodes each
-shard in one stream) from the page cache, as a pod reads the shard it has just downloaded. The projection takes the other stages' costs per GB from
-bench/results/stages-<profile>.json (run bench_stages.py first): CPU = (receive + hash) x
-compressed + decode + file writes x raw, and
+shard in one stream) from the page cache, as a pod reads the shard it has just downloaded.
+The projection takes the other stages' costs per GB from bench/results/stages-<profile>.json
+(run bench_stages.py first): CPU = (receive + hash) x compressed + decode + file writes x raw,
+and
     pod start = max(compressed / bandwidth, CPU / 16) + the largest shard's own hash+decode+write.
 Writes bench/results/compression-<profile>.json.
 """
@@ -32,7 +33,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-
 
 from builder.indexes import IndexSettings  # noqa: E402
 from builder.manifest import blob_key  # noqa: E402
