@@ -675,6 +675,29 @@ def test_cli_pack_json(tmp_path: Path, wheels: dict[str, Path], index: str) -> N
     assert again.json()["digest"] == document["digest"]
 
 
+def test_cli_pack_without_the_cffi_backend_says_so_and_writes_no_artifact(
+    tmp_path: Path, index: str
+) -> None:
+    """Raw literals come through python-zstandard's cffi backend: where it cannot be imported
+    (no cffi), pack stops with a sentence naming what to install, not a traceback, and leaves
+    no manifest and no partial blob behind."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nsys.modules['zstandard.backend_cffi'] = None  # import raises ImportError\n"
+    )
+    path = write_profile(tmp_path, heavy=["small-a==1.0", "nv-alpha==1.0"])
+    out = tmp_path / "store"
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    result = run_cli("pack", str(path), "--out", str(out), "--index-url", index, env=env)
+    assert result.returncode == 1, result.stderr
+    assert "cffi backend is not importable" in result.stderr
+    assert "install the cffi package" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not list(out.glob("*/*/manifest.json"))
+    assert not leftovers(out)
+
+
 def test_cli_pack_unknown_index_is_bad_input(tmp_path: Path) -> None:
     path = write_profile(tmp_path, heavy=["small-a==1.0"])
     result = run_cli("pack", str(path), "--out", str(tmp_path / "s"), "--index", "nope=http://x")
