@@ -9,7 +9,7 @@ served as a folder store by nginx on loopback. Then, in one run, `--repeats` tim
     - init-copy: containerd pulls the init-copy image by digest, then runs it into the volume
       (what the kubelet does for the initContainer);
     - blob: the generated init script downloads, verifies and unpacks the shards;
-    - uv: `uv pip install --target --no-cache` from a loopback index of the same wheels;
+    - uv: `uv pip install --target --no-cache` from a loopback index of the same wheels (nginx);
   second pod on the same node (a new empty volume):
     - init-copy: the image is in the node's cache: only the copy runs;
     - blob: the script downloads everything again;
@@ -35,14 +35,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench_unpack import count_files, download_wheels, drop_caches, run  # noqa: E402
+from bench_unpack import count_files, download_wheels, drop_caches, nginx_index, run  # noqa: E402
 
 from builder.initscript import render_init_script  # noqa: E402
 from builder.lock import read_lock  # noqa: E402
 from builder.pipeline import pack_profile, publish_profile  # noqa: E402
 from builder.profile import load_profile  # noqa: E402
 from builder.tools import uv_bin, uv_env  # noqa: E402
-from tests.support.index import serve_index  # noqa: E402
 from tests.support.services import Containerd, containerd, nginx_serving, registry  # noqa: E402
 
 # What each figure is, in table order: key, label.
@@ -169,9 +168,7 @@ def main() -> None:
         republish_s = time.perf_counter() - start
         assert again.already_published and again.bytes_uploaded == 0
 
-        index_root = work / "index"
-        shutil.rmtree(index_root, ignore_errors=True)
-        index_url = stack.enter_context(serve_index(wheels, index_root))
+        index_url = stack.enter_context(nginx_index(wheels, work / "index", work / "nginx-index"))
         store_url = stack.enter_context(nginx_serving(store, work / "nginx"))
         script = work / "init.sh"
         script.write_text(render_init_script(manifest, store_url))

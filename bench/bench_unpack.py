@@ -9,7 +9,9 @@
 All four install the same wheels of the profile's lock, in one run:
   - gpubuild init script reading the published store over loopback HTTP (nginx serving the
     store folder; Azurite is too slow to time);
-  - `pip install --target` from a loopback index of the same wheels (the deployment guide's way);
+  - `pip install --target` from a loopback index of the same wheels (the deployment guide's way),
+    served by nginx as the store is: a Python server would spend a core of this machine on the
+    baselines' bytes (uv took 9% longer from one);
   - `uv pip install --target --no-cache` from the same index;
   - `cp -a` of the finished tree: the floor.
 Each runs `--runs` times on disk (and on tmpfs unless --skip-tmpfs), cold page cache before
@@ -36,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -49,7 +52,7 @@ from builder.manifest import Manifest  # noqa: E402
 from builder.pipeline import pack_profile  # noqa: E402
 from builder.profile import Profile, load_profile  # noqa: E402
 from builder.tools import uv_bin, uv_env  # noqa: E402
-from tests.support.index import serve_index  # noqa: E402
+from tests.support.index import write_simple_index  # noqa: E402
 from tests.support.services import nginx_serving  # noqa: E402
 
 METHODS = ("init", "uv", "pip", "cp")
@@ -77,6 +80,19 @@ def drop_caches() -> None:
     subprocess.run(["sync"], check=False)
     with contextlib.suppress(OSError):
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+@contextlib.contextmanager
+def nginx_index(wheels: Iterable[Path], root: Path, tmp: Path) -> Iterator[str]:
+    """The wheels as a simple index under `root`, served by nginx; yields its /simple URL and
+    removes the index (a copy of every wheel) afterwards."""
+    shutil.rmtree(root, ignore_errors=True)
+    try:
+        write_simple_index(wheels, root)
+        with nginx_serving(root, tmp) as url:
+            yield f"{url}/simple"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def pip_target_args(python: str) -> list[str]:
@@ -148,6 +164,7 @@ def one_round(
         ],
         env={**os.environ, "PIP_CONFIG_FILE": os.devnull},
     )  # fmt: skip
+    shutil.rmtree(root / "pip")  # one finished tree besides the script's at a time
     drop_caches()
     row["uv_s"], row["uv_cpu"] = run_measured(
         [
@@ -157,6 +174,7 @@ def one_round(
         ],
         env=uv_env({"UV_NO_CACHE": "1"}),
     )  # fmt: skip
+    shutil.rmtree(root / "uv")
     drop_caches()
     row["cp_s"], row["cp_cpu"] = run_measured(["cp", "-a", str(target), str(root / "cp")])
     shutil.rmtree(root, ignore_errors=True)
@@ -224,7 +242,7 @@ def main() -> None:
     places: dict[str, list[dict[str, float]]] = {}
     imported = None
     with ExitStack() as stack:
-        index_url = stack.enter_context(serve_index(wheels, work / "index"))
+        index_url = stack.enter_context(nginx_index(wheels, work / "index", work / "nginx-index"))
         store_url = stack.enter_context(nginx_serving(store, work / "nginx"))
         script = work / "init.sh"
         script.write_text(render_init_script(manifest, store_url))
