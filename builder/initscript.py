@@ -104,7 +104,11 @@ def shard_table(manifest: Manifest) -> list[str]:
         label = shard_label(tuple(shard.packages))
         if _UNSAFE.search(label) or " " in label:
             raise IntegrityError(f"manifest shard {shard.sha256} names odd packages {label!r}")
-        lines.append(f"{shard.sha256} {int(shard.bytes)} {int(shard.files)} {label}")
+        if shard.blake3 and not SHA256.match(shard.blake3):
+            raise IntegrityError(f"manifest shard {shard.sha256} has a BLAKE3 {shard.blake3!r}")
+        # "-": a manifest packed before BLAKE3 was recorded; the script checks the sha256.
+        blake3 = shard.blake3 or "-"
+        lines.append(f"{shard.sha256} {int(shard.bytes)} {int(shard.files)} {blake3} {label}")
     return lines
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+import blake3
 import zstandard
 
 from builder.errors import ToolFailedError
@@ -96,10 +97,11 @@ class PackResult:
 class _Hashing(io.RawIOBase):
     """A write-only stream that hashes and counts the bytes it passes on to `target`."""
 
-    def __init__(self, target: BinaryIO) -> None:
+    def __init__(self, target: BinaryIO, *, with_blake3: bool = False) -> None:
         super().__init__()
         self.target = target
         self.sha256 = hashlib.sha256()
+        self.blake3 = blake3.blake3() if with_blake3 else None
         self.count = 0
 
     def writable(self) -> bool:
@@ -109,6 +111,8 @@ class _Hashing(io.RawIOBase):
     def write(self, data: bytes | bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(data)
         self.sha256.update(view)
+        if self.blake3 is not None:
+            self.blake3.update(view)
         self.count += view.nbytes
         self.target.write(view)
         return view.nbytes
@@ -187,7 +191,7 @@ def write_shard(
         # container, a web server's workers), so blobs are world-readable like manifests.
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb", buffering=_COPY_BUFFER) as output:
-            compressed = _Hashing(output)
+            compressed = _Hashing(output, with_blake3=True)
             # zstandard and tarfile ask for a file object; _Hashing is one (a raw writer).
             compressed_io = cast(BinaryIO, compressed)
             compressor = shard_compressor()
@@ -224,6 +228,7 @@ def write_shard(
         raw_bytes=raw.count,
         files=len(plan.paths),
         packages=plan.packages,
+        blake3=compressed.blake3.hexdigest() if compressed.blake3 is not None else "",
     )
 
 

@@ -47,6 +47,7 @@ class BlobHashes:
     tar_sha256: str | None
     raw_bytes: int
     error: str = ""
+    blake3: str = ""  # of the .tar.zst
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,13 @@ def judge(shard: Shard, found: BlobHashes | None) -> tuple[str, str]:
         problems.append(f"{found.bytes:,} bytes, not {shard.bytes:,}")
     if found.sha256 != shard.sha256:
         problems.append(f"its sha256 is {found.sha256[:16]}...")
+    elif shard.blake3 and found.blake3 != shard.blake3:
+        # The bytes are the ones named, so the manifest's pin is what is wrong: pods whose
+        # init image has b3sum would refuse the blob all the same.
+        problems.append(
+            f"its BLAKE3 is {found.blake3[:16]}..., the manifest pins {shard.blake3[:16]}..."
+            " (publish the profile again)"
+        )
     if found.tar_sha256 is None:
         problems.append(f"it does not decompress ({found.error})")
     elif (found.tar_sha256, found.raw_bytes) != (shard.tar_sha256, shard.raw_bytes):
@@ -135,7 +143,7 @@ def judge(shard: Shard, found: BlobHashes | None) -> tuple[str, str]:
 
 def hash_stream(stream: BinaryIO) -> BlobHashes:
     """The hashes of a .tar.zst read once from `stream`, in chunks."""
-    outer = HashingReader(stream)
+    outer = HashingReader(stream, with_blake3=True)
     inner = hashlib.sha256()
     raw = 0
     error = ""
@@ -153,7 +161,12 @@ def hash_stream(stream: BinaryIO) -> BlobHashes:
     if raw == 0 and outer.bytes and not error:
         error = "no zstd frame"
     return BlobHashes(
-        outer.sha256.hexdigest(), outer.bytes, None if error else inner.hexdigest(), raw, error
+        outer.sha256.hexdigest(),
+        outer.bytes,
+        None if error else inner.hexdigest(),
+        raw,
+        error,
+        outer.blake3.hexdigest() if outer.blake3 is not None else "",
     )
 
 

@@ -180,10 +180,10 @@ def test_no_proc_file_means_no_limit(tmp_path: Path) -> None:
 
 
 def slot_recorder(folder: Path, log: Path) -> str:
-    """A PATH whose bsdtar (extracting) and openssl (hashing), the work an unpack slot covers,
+    """A PATH whose bsdtar (extracting), b3sum and openssl (hashing), the work an unpack slot covers,
     note when each run starts and ends, and linger a little so that runs that may overlap do."""
     folder.mkdir()
-    for program, marker in (("bsdtar", "-x"), ("openssl", "dgst")):
+    for program, marker in (("bsdtar", "-x"), ("b3sum", "--no-names"), ("openssl", "dgst")):
         real = shutil.which(program)
         assert real is not None, f"{program} is needed"
         wrapper = folder / program
@@ -240,8 +240,11 @@ def test_no_more_shards_hash_or_unpack_at_once_than_unpackers(
     assert f"4 downloads at once (2 attempts each), {unpackers} unpacking at once" in result.stderr
     lines = log.read_text().splitlines()
     assert sum(line.endswith(" bsdtar") for line in lines) == 2 * shards
-    # One more hash: the script's probe of whether openssl hashes at all, before any worker.
-    assert sum(line.endswith(" openssl") for line in lines) == 2 * (shards + 1)
+    # The shards are checked by b3sum (the manifest pins BLAKE3); one more run of b3sum and
+    # the only one of openssl: the script's probes of whether they hash at all.
+    assert "checking BLAKE3 (b3sum)" in result.stderr
+    assert sum(line.endswith(" b3sum") for line in lines) == 2 * (shards + 1)
+    assert sum(line.endswith(" openssl") for line in lines) == 2
     peak = most_at_once(log)
     assert peak <= unpackers
     if unpackers > 1:
@@ -284,7 +287,7 @@ def test_a_shard_rejected_once_gives_its_slot_back(artifacts: Artifacts, tmp_pat
         )
         served = server.served(blob_path(victim.sha256))
     assert result.returncode == 0, result.stderr
-    assert "sha256 mismatch" in result.stderr and len(served) == 2
+    assert "BLAKE3 mismatch" in result.stderr and len(served) == 2
     assert_installed(target, artifacts.a)
 
 

@@ -27,6 +27,7 @@ import pytest
 import zstandard
 
 from builder.errors import BadInputError
+from builder.fields import SHA256
 from builder.initscript import leaf_directories, render_init_script
 from builder.lock import Excluded, Lock, LockedPackage, read_lock, render_lock
 from builder.manifest import Manifest, Shard, blob_key, manifest_to_bytes
@@ -332,36 +333,79 @@ def test_installs_from_a_file_store_and_a_second_run_touches_nothing(
     assert after == before
 
 
-def _path_without(tmp_path: Path, program: str) -> str:
-    """A PATH with every program of this one but `program` (as in an image that lacks it)."""
-    folder = tmp_path / f"bin-without-{program}"
+def _path_without(tmp_path: Path, *programs: str) -> str:
+    """A PATH with every program of this one but `programs` (as in an image that lacks them)."""
+    folder = tmp_path / f"bin-without-{'-'.join(programs)}"
     folder.mkdir()
     for directory in os.environ["PATH"].split(os.pathsep):
         if not os.path.isdir(directory):
             continue
         for entry in os.scandir(directory):
             link = folder / entry.name
-            if entry.name != program and not link.exists() and os.access(entry.path, os.X_OK):
+            if entry.name not in programs and not link.exists() and os.access(entry.path, os.X_OK):
                 link.symlink_to(entry.path)
     return str(folder)
 
 
-def test_without_openssl_sha256sum_checks_the_same_digests(
+def test_without_b3sum_and_openssl_sha256sum_checks_the_same_digests(
     artifacts: Artifacts, tmp_path: Path
 ) -> None:
-    """The script hashes with OpenSSL when it can (faster) and with sha256sum otherwise."""
-    path = _path_without(tmp_path, "openssl")
+    """Without b3sum the script checks the sha256: with OpenSSL when it can (faster), with
+    sha256sum otherwise."""
+    path = _path_without(tmp_path, "openssl", "b3sum")
     target = tmp_path / "vol"
     target.mkdir()
     script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
     result = run_init(script, target, {"PATH": path})
     assert result.returncode == 0, result.stderr
+    assert "checking sha256 (sha256sum)" in result.stderr
     assert_installed(target, artifacts.a)
     tampered = _tampered_store(artifacts, tmp_path, artifacts.b.manifest)
     refused = run_init(
         write_script(tmp_path, artifacts.b.manifest, tampered.as_uri()), target, {"PATH": path}
     )
     assert refused.returncode == 1 and "sha256 mismatch" in refused.stderr
+    assert_installed(target, artifacts.a)
+
+
+def test_b3sum_checks_the_blake3_pin_and_sha256_the_rest(
+    artifacts: Artifacts, tmp_path: Path
+) -> None:
+    """With b3sum the BLAKE3 pin is what is checked: a wrong one refuses the genuine bytes.
+    Without b3sum, or for a manifest packed before BLAKE3 was recorded, the sha256 is."""
+    manifest = artifacts.a.manifest
+    assert all(SHA256.match(shard.blake3) for shard in manifest.shards)
+    url = artifacts.store.as_uri()
+    target = tmp_path / "vol-default"
+    target.mkdir()
+    result = run_init(write_script(tmp_path, manifest, url), target)
+    assert result.returncode == 0, result.stderr
+    assert "checking BLAKE3 (b3sum)" in result.stderr
+
+    victim = min(manifest.shards, key=lambda s: s.bytes)
+    wrong = tuple(
+        dataclasses.replace(s, blake3="0" * 64) if s == victim else s for s in manifest.shards
+    )
+    wrong_pin = write_script(tmp_path, dataclasses.replace(manifest, shards=wrong), url)
+    target = tmp_path / "vol-wrong-pin"
+    target.mkdir()
+    refused = run_init(wrong_pin, target)
+    assert refused.returncode == 1
+    assert f"BLAKE3 mismatch: got {victim.blake3}" in refused.stderr
+    assert tree_state(target) == {}
+    without_b3sum = {"PATH": _path_without(tmp_path, "b3sum")}
+    installed = run_init(wrong_pin, target, without_b3sum)
+    assert installed.returncode == 0, installed.stderr
+    assert "checking sha256 (openssl)" in installed.stderr
+    assert_installed(target, artifacts.a)
+
+    unpinned = tuple(dataclasses.replace(s, blake3="") for s in artifacts.b.manifest.shards)
+    older = dataclasses.replace(artifacts.b.manifest, shards=unpinned)
+    tampered = _tampered_store(artifacts, tmp_path, older)
+    result = run_init(write_script(tmp_path, older, tampered.as_uri()), target)
+    assert result.returncode == 1
+    assert "the manifest pins no BLAKE3" in result.stderr
+    assert "sha256 mismatch" in result.stderr
     assert_installed(target, artifacts.a)
 
 
@@ -562,7 +606,7 @@ def test_a_tampered_shard_is_refused_and_never_falls_back(
     )
     result = run_init(script, target)
     assert result.returncode == 1
-    assert "sha256 mismatch" in result.stderr
+    assert "BLAKE3 mismatch" in result.stderr
     assert "do not trust it" in result.stderr
     assert "falling back" not in result.stderr
     assert_installed(target, artifacts.a)
@@ -604,7 +648,7 @@ def test_a_shard_served_hostile_once_leaves_no_trace(artifacts: Artifacts, tmp_p
         result = run_init(write_script(tmp_path, manifest, server.url), target)
         served = server.served(blob_path(victim.sha256))
     assert result.returncode == 0, result.stderr
-    assert "sha256 mismatch" in result.stderr and "trying again" in result.stderr
+    assert "BLAKE3 mismatch" in result.stderr and "trying again" in result.stderr
     assert len(served) == 2
     assert_installed(target, artifacts.a)
     assert b"PWNED" not in (target / "bigpkg" / "__init__.py").read_bytes()

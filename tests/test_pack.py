@@ -14,6 +14,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 import zstandard
 
@@ -340,7 +341,10 @@ def test_write_artifact_is_reproducible_and_unpacks_to_the_same_tree(
     assert one == read_manifest(tmp_path / "two", "hand", "d" * 64)[0]
     for shard in first.shards:
         key = blob_key(shard.sha256)
-        assert (tmp_path / "one" / key).read_bytes() == (tmp_path / "two" / key).read_bytes()
+        data = (tmp_path / "one" / key).read_bytes()
+        assert data == (tmp_path / "two" / key).read_bytes()
+        # The init script's check where its image has b3sum: of the same bytes.
+        assert shard.blake3 == blake3.blake3(data).hexdigest()
 
     dest = tmp_path / "unpacked"
     unpack(tmp_path / "one", first, dest)

@@ -4,6 +4,7 @@ pack; in a folder and in Azurite. Reading is streamed: memory does not grow with
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -16,6 +17,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import unquote
 
+import blake3
 import pytest
 import zstandard
 
@@ -208,7 +210,11 @@ def test_hashes_and_judgement_of_a_blob() -> None:
     blob = _zst(tar)
     found = hash_stream(io.BytesIO(blob))
     assert found == BlobHashes(
-        hashlib.sha256(blob).hexdigest(), len(blob), hashlib.sha256(tar).hexdigest(), len(tar)
+        hashlib.sha256(blob).hexdigest(),
+        len(blob),
+        hashlib.sha256(tar).hexdigest(),
+        len(tar),
+        blake3=blake3.blake3(blob).hexdigest(),
     )
     not_zstd = hash_stream(io.BytesIO(b"\x00" * 100))
     assert not_zstd.tar_sha256 is None and not_zstd.error
@@ -220,6 +226,12 @@ def test_hashes_and_judgement_of_a_blob() -> None:
     assert judge(shard, None)[0] == "missing"
     assert judge(shard, trailing)[0] == "damaged"
     assert "does not decompress" in judge(shard, not_zstd)[1]
+
+    # A BLAKE3 pin is checked too: the bytes are genuine, so the pin is what is wrong.
+    pinned = dataclasses.replace(shard, blake3=found.blake3)
+    assert judge(pinned, found) == ("ok", "")
+    state, detail = judge(dataclasses.replace(shard, blake3="0" * 64), found)
+    assert state == "damaged" and "BLAKE3" in detail and "publish the profile again" in detail
 
 
 _PEAK = """

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import quote
 
+import blake3
+
 from builder.errors import BadInputError, IntegrityError, NotPublishedError, StoreError
 from builder.fields import SHA256
 from builder.manifest import Manifest, Shard, blob_key, manifest_from_bytes, manifest_key
@@ -266,13 +268,16 @@ class HashingReader:
     """A reader that hashes and counts what passes through it, so that one pass over a stream
     both feeds its consumer and proves its sha256."""
 
-    def __init__(self, source: BinaryIO) -> None:
+    def __init__(self, source: BinaryIO, *, with_blake3: bool = False) -> None:
         self.source = source
         self.sha256 = hashlib.sha256()
+        self.blake3 = blake3.blake3() if with_blake3 else None
         self.bytes = 0
 
     def read(self, size: int = -1) -> bytes:
         chunk = self.source.read(size)
         self.sha256.update(chunk)
+        if self.blake3 is not None:
+            self.blake3.update(chunk)
         self.bytes += len(chunk)
         return chunk

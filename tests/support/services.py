@@ -50,6 +50,7 @@ BASE_IMAGE_TAG = "gpubuild-test/base:bookworm"
 BASE_SUITE = "bookworm"
 BASE_PACKAGES = (
     "python3", "python3-pip", "ca-certificates", "bash", "curl", "zstd", "libarchive-tools",
+    "b3sum",
 )  # fmt: skip
 ROOTFS_CACHE = Path("/var/cache/gpubuild-test/rootfs-bookworm")
 

@@ -6,6 +6,7 @@ wheels; these pin down the rules themselves, each in milliseconds.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -241,9 +242,25 @@ def test_the_manifest_reader_takes_what_the_writer_writes_and_nothing_unsafe() -
             manifest_from_bytes(manifest_to_bytes(bad))
 
 
+def test_a_shard_s_blake3_is_optional_in_a_manifest_and_checked_when_there() -> None:
+    # A manifest packed before BLAKE3 was recorded has no such field, and keeps its bytes.
+    assert b'"blake3"' not in manifest_to_bytes(manifest())
+    pinned = manifest(shards=(replace(manifest().shards[0], blake3="e" * 64),))
+    data = manifest_to_bytes(pinned)
+    assert b'"blake3": "' + b"e" * 64 + b'"' in data
+    assert manifest_from_bytes(data) == pinned
+    for wrong in ("E" * 64, "e" * 63, "", 7):
+        document = json.loads(data)
+        document["shards"][0]["blake3"] = wrong
+        with pytest.raises(FormatError, match=r"shards\[0\]\.blake3"):
+            manifest_from_bytes(json.dumps(document).encode(), where="m.json")
+    text = render_init_script(pinned, "https://acct.blob.core.windows.net/c")
+    assert f"{'b' * 64} 10 2 {'e' * 64} alpha" in text
+
+
 def test_the_init_script_pins_the_manifest_and_refuses_a_secret_url() -> None:
     text = render_init_script(manifest(), "https://acct.blob.core.windows.net/c")
-    assert "readonly DIGEST=" + "d" * 64 in text and "b" * 64 + " 10 2 alpha" in text
+    assert "readonly DIGEST=" + "d" * 64 in text and "b" * 64 + " 10 2 - alpha" in text
     with pytest.raises(Exception, match="GPUBUILD_SAS"):
         render_init_script(manifest(), "https://acct.blob.core.windows.net/c?sig=abc")
     with pytest.raises(IntegrityError):
