@@ -99,12 +99,12 @@ def shard_table(manifest: Manifest) -> list[str]:
     """Largest first, so the long downloads start at once."""
     lines = []
     for shard in sorted(manifest.shards, key=lambda s: (-s.bytes, s.sha256)):
-        if not SHA256.match(shard.sha256):
+        if not SHA256.fullmatch(shard.sha256):
             raise IntegrityError(f"manifest shard {shard.sha256!r} is not a sha256 digest")
         label = shard_label(tuple(shard.packages))
         if _UNSAFE.search(label) or " " in label:
             raise IntegrityError(f"manifest shard {shard.sha256} names odd packages {label!r}")
-        if shard.blake3 and not SHA256.match(shard.blake3):
+        if shard.blake3 and not SHA256.fullmatch(shard.blake3):
             raise IntegrityError(f"manifest shard {shard.sha256} has a BLAKE3 {shard.blake3!r}")
         # "-": a manifest packed before BLAKE3 was recorded; the script checks the sha256.
         blake3 = shard.blake3 or "-"

@@ -163,7 +163,8 @@ def _shard(fields: Fields) -> Shard:
         raw_bytes=fields.integer("raw_bytes"),
         files=fields.integer("files"),
         packages=tuple(fields.strings("packages", pattern=PACKAGE_NAME)),
-        blake3=fields.string("blake3", pattern=SHA256, required=False),
+        # Absent in older manifests; when present (even null) it must be a digest.
+        blake3=fields.string("blake3", pattern=SHA256) if "blake3" in fields.data else "",
     )
 
 

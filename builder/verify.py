@@ -125,8 +125,9 @@ def judge(shard: Shard, found: BlobHashes | None) -> tuple[str, str]:
         # The bytes are the ones named, so the manifest's pin is what is wrong: pods whose
         # init image has b3sum would refuse the blob all the same.
         problems.append(
-            f"its BLAKE3 is {found.blake3[:16]}..., the manifest pins {shard.blake3[:16]}..."
-            " (publish the profile again)"
+            f"its BLAKE3 is {found.blake3[:16]}..., a manifest pins {shard.blake3[:16]}...:"
+            " the bytes are the named ones, so that manifest is wrong; delete its digest from the"
+            " store and publish it again"
         )
     if found.tar_sha256 is None:
         problems.append(f"it does not decompress ({found.error})")
@@ -211,11 +212,16 @@ def verify_store(
         if manifest is not None:
             readable.append(manifest)
     users: dict[str, list[str]] = {}
-    shards: dict[str, Shard] = {}
+    # A blob shared by several manifests is read once but judged against each distinct pin
+    # (one manifest may pin its BLAKE3, another, older, not, or a wrong one).
+    pins: dict[str, list[Shard]] = {}
     for manifest in readable:
         for shard in manifest.shards:
-            shards.setdefault(shard.sha256, shard)
+            listed = pins.setdefault(shard.sha256, [])
+            if shard not in listed:
+                listed.append(shard)
             users.setdefault(shard.sha256, []).append(f"{manifest.profile}/{manifest.digest}")
+    shards = {sha256: listed[0] for sha256, listed in pins.items()}
     report(
         f"verifying {plural(len(shards), 'blob')} ({megabytes(sum(s.bytes for s in shards.values()))})"
         f" of {plural(len(readable), 'manifest')} in {store}"
@@ -226,9 +232,16 @@ def verify_store(
 
     def check(shard: Shard) -> BlobVerdict:
         nonlocal done
-        state, detail = judge(shard, hash_blob(store, shard.sha256))
+        found = hash_blob(store, shard.sha256)
+        judged = shard
+        state, detail = "ok", ""
+        for pinned in pins[shard.sha256]:
+            state, detail = judge(pinned, found)
+            if state != "ok":
+                judged = pinned
+                break
         if state != "ok" and local is not None:
-            state, detail = _repair_blob(store, local, shard, state, detail)
+            state, detail = _repair_blob(store, local, judged, state, detail)
         with reporting:
             done += 1
             report(Step(done, len(ordered), f"checked {blob_key(shard.sha256)[:24]}..."))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ import pytest
 from builder.initscript import render_init_script
 from builder.manifest import Manifest
 from tests.support.faults import ScriptedStore, Serve, blob_path
+from tests.support.services import require_program
 from tests.support.users import is_root
 from tests.test_initscript import (
     Artifacts,
@@ -184,8 +184,7 @@ def slot_recorder(folder: Path, log: Path) -> str:
     note when each run starts and ends, and linger a little so that runs that may overlap do."""
     folder.mkdir()
     for program, marker in (("bsdtar", "-x"), ("b3sum", "--no-names"), ("openssl", "dgst")):
-        real = shutil.which(program)
-        assert real is not None, f"{program} is needed"
+        real = require_program(program, f"the Debian package that has {program}")
         wrapper = folder / program
         wrapper.write_text(
             "#!/bin/bash\n"
@@ -271,8 +270,9 @@ def test_unpackers_never_exceed_downloads_and_must_be_a_number(
 
 
 def test_a_shard_rejected_once_gives_its_slot_back(artifacts: Artifacts, tmp_path: Path) -> None:
-    """One slot: a worker whose shard fails its sha256 must give the slot back before it
+    """One slot: a worker whose shard fails its check must give the slot back before it
     downloads again, or every other worker (and the retry) waits for ever."""
+    require_program("b3sum", "Debian package b3sum")  # the check the message names
     manifest = artifacts.a.manifest
     victim = max(manifest.shards, key=lambda shard: shard.bytes)
     target = tmp_path / "vol"

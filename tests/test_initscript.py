@@ -150,6 +150,12 @@ def azure_store(azurite_endpoint: object, artifacts: Artifacts) -> AzuriteContai
     return AzuriteContainer(store.base_url, sas, azurite_endpoint.account, container)  # type: ignore[attr-defined]
 
 
+@pytest.fixture
+def b3sum() -> str:
+    """b3sum, which checks the shards where the manifest pins BLAKE3 (the init image has it)."""
+    return require_program("b3sum", "Debian package b3sum")
+
+
 def write_script(folder: Path, manifest: Manifest, store_url: str, **kwargs: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"init-{manifest.digest[:8]}-{uuid.uuid4().hex[:6]}.sh"
@@ -369,7 +375,7 @@ def test_without_b3sum_and_openssl_sha256sum_checks_the_same_digests(
 
 
 def test_b3sum_checks_the_blake3_pin_and_sha256_the_rest(
-    artifacts: Artifacts, tmp_path: Path
+    artifacts: Artifacts, tmp_path: Path, b3sum: str
 ) -> None:
     """With b3sum the BLAKE3 pin is what is checked: a wrong one refuses the genuine bytes.
     Without b3sum, or for a manifest packed before BLAKE3 was recorded, the sha256 is."""
@@ -407,6 +413,69 @@ def test_b3sum_checks_the_blake3_pin_and_sha256_the_rest(
     assert "the manifest pins no BLAKE3" in result.stderr
     assert "sha256 mismatch" in result.stderr
     assert_installed(target, artifacts.a)
+
+
+def test_a_manifest_pinning_blake3_for_some_shards_checks_each_by_its_own_pin(
+    artifacts: Artifacts, tmp_path: Path, b3sum: str
+) -> None:
+    manifest = artifacts.a.manifest
+    victim = min(manifest.shards, key=lambda s: s.bytes)
+    mixed = tuple(dataclasses.replace(s, blake3="") if s == victim else s for s in manifest.shards)
+    target = tmp_path / "vol"
+    target.mkdir()
+    result = run_init(
+        write_script(
+            tmp_path, dataclasses.replace(manifest, shards=mixed), artifacts.store.as_uri()
+        ),
+        target,
+    )
+    assert result.returncode == 0, result.stderr
+    count = len(manifest.shards)
+    assert f"BLAKE3 (b3sum) for {count - 1} of {count} shards, sha256 (openssl)" in result.stderr
+    assert_installed(target, artifacts.a)
+
+
+def _fake_b3sum(folder: Path, real: str, body: str) -> str:
+    """A PATH whose b3sum runs `body` (bash) with the real one at $REAL."""
+    folder.mkdir()
+    fake = folder / "b3sum"
+    fake.write_text(f"#!/bin/bash\nREAL={real}\n{body}\n")
+    fake.chmod(0o755)
+    return f"{folder}{os.pathsep}{os.environ['PATH']}"
+
+
+def test_a_b3sum_that_cannot_hash_files_falls_back_to_sha256_not_to_a_false_alarm(
+    artifacts: Artifacts, tmp_path: Path, b3sum: str
+) -> None:
+    """A b3sum that passes the probe (a pipe) but fails on every file, as under a sandbox that
+    refuses its memory map: each shard is checked by its sha256 instead, still refusing bad
+    bytes. One that fails the probe is not used at all."""
+    # The last argument is the file; the probe gives none.
+    on_files = _fake_b3sum(
+        tmp_path / "bin-map", b3sum, 'if [[ ${@: -1} == /* ]]; then exit 1; fi; exec $REAL "$@"'
+    )
+    target = tmp_path / "vol"
+    target.mkdir()
+    script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
+    result = run_init(script, target, {"PATH": on_files})
+    assert result.returncode == 0, result.stderr
+    assert "checking BLAKE3 (b3sum)" in result.stderr
+    assert "b3sum could not hash the download; checking its sha256 instead" in result.stderr
+    assert_installed(target, artifacts.a)
+    tampered = _tampered_store(artifacts, tmp_path, artifacts.b.manifest)
+    refused = run_init(
+        write_script(tmp_path, artifacts.b.manifest, tampered.as_uri()), target, {"PATH": on_files}
+    )
+    assert refused.returncode == 1 and "sha256 mismatch" in refused.stderr
+    assert_installed(target, artifacts.a)
+
+    broken = _fake_b3sum(tmp_path / "bin-broken", b3sum, "echo 0000; exit 0")
+    other = tmp_path / "vol-broken"
+    other.mkdir()
+    result = run_init(script, other, {"PATH": broken})
+    assert result.returncode == 0, result.stderr
+    assert "checking sha256 (openssl)" in result.stderr and "b3sum could not" not in result.stderr
+    assert_installed(other, artifacts.a)
 
 
 def _shard_of(members: list[tarfile.TarInfo], store: Path) -> Shard:
@@ -590,7 +659,7 @@ def _lock_text(artifacts: Artifacts) -> str:
 
 
 def test_a_tampered_shard_is_refused_and_never_falls_back(
-    artifacts: Artifacts, tmp_path: Path
+    artifacts: Artifacts, tmp_path: Path, b3sum: str
 ) -> None:
     target = tmp_path / "vol"
     target.mkdir()
@@ -633,7 +702,9 @@ def _victim(manifest: Manifest) -> Shard:
     return min((s for s in manifest.shards if "bigpkg" not in s.packages), key=lambda s: s.bytes)
 
 
-def test_a_shard_served_hostile_once_leaves_no_trace(artifacts: Artifacts, tmp_path: Path) -> None:
+def test_a_shard_served_hostile_once_leaves_no_trace(
+    artifacts: Artifacts, tmp_path: Path, b3sum: str
+) -> None:
     """The store lies once: the bytes it sent must not survive the retry that gets good ones.
 
     The hostile copy overwrites a file of another shard (so the set's file count stays right)

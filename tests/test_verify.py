@@ -21,7 +21,7 @@ import blake3
 import pytest
 import zstandard
 
-from builder.manifest import Shard, blob_key, manifest_key
+from builder.manifest import Shard, blob_key, manifest_key, manifest_to_bytes
 from builder.pack import PackResult, write_artifact
 from builder.publish import publish
 from builder.stores import AzureStore, FileStore, Store, open_store
@@ -159,6 +159,35 @@ def test_verify_finds_a_damaged_and_a_missing_blob_and_repairs_them(
     assert again.returncode == 0 and again.json()["counts"] == {"ok": 2 + blobs}
 
 
+def test_a_blob_shared_by_manifests_is_judged_against_each_one_s_blake3_pin(
+    packs: Packs, tmp_path: Path
+) -> None:
+    """prof-a's manifest (read first) pins no BLAKE3; prof-b's pins a wrong one for the blob
+    they share: the genuine bytes are still reported, since pods of prof-b would refuse them."""
+    store = FileStore(tmp_path / "store")
+    publish(packs.a, store)
+    publish(packs.b, store)
+    shared = max(packs.a.manifest.shards, key=lambda s: s.bytes)
+    assert shared in packs.b.manifest.shards and shared.blake3
+    unpinned = tuple(dataclasses.replace(s, blake3="") for s in packs.a.manifest.shards)
+    older = dataclasses.replace(packs.a.manifest, shards=unpinned)
+    store.put_manifest("prof-a", older.digest, manifest_to_bytes(older))
+    wrong = tuple(
+        dataclasses.replace(s, blake3="f" * 64) if s == shared else s
+        for s in packs.b.manifest.shards
+    )
+    lying = dataclasses.replace(packs.b.manifest, shards=wrong)
+    store.put_manifest("prof-b", lying.digest, manifest_to_bytes(lying))
+
+    found = run_cli("verify", store.display_url, "--json")
+    assert found.returncode == 1, found.stderr
+    blob = next(b for b in found.json()["blobs"] if b["sha256"] == shared.sha256)
+    assert blob["state"] == "damaged"
+    assert "BLAKE3" in blob["detail"] and "that manifest is wrong" in blob["detail"]
+    others = [b["state"] for b in found.json()["blobs"] if b["sha256"] != shared.sha256]
+    assert others and set(others) == {"ok"}
+
+
 def test_repair_refuses_a_local_copy_that_is_damaged_too(packs: Packs, tmp_path: Path) -> None:
     store = FileStore(tmp_path / "store")
     publish(packs.a, store)
@@ -231,7 +260,7 @@ def test_hashes_and_judgement_of_a_blob() -> None:
     pinned = dataclasses.replace(shard, blake3=found.blake3)
     assert judge(pinned, found) == ("ok", "")
     state, detail = judge(dataclasses.replace(shard, blake3="0" * 64), found)
-    assert state == "damaged" and "BLAKE3" in detail and "publish the profile again" in detail
+    assert state == "damaged" and "BLAKE3" in detail and "publish it again" in detail
 
 
 _PEAK = """

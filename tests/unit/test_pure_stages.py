@@ -245,11 +245,16 @@ def test_the_manifest_reader_takes_what_the_writer_writes_and_nothing_unsafe() -
 def test_a_shard_s_blake3_is_optional_in_a_manifest_and_checked_when_there() -> None:
     # A manifest packed before BLAKE3 was recorded has no such field, and keeps its bytes.
     assert b'"blake3"' not in manifest_to_bytes(manifest())
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    older = next((fixtures / "deploy-repo" / "store").rglob("manifest.json"))
+    data = older.read_bytes()
+    assert b'"blake3"' not in data
+    assert manifest_to_bytes(manifest_from_bytes(data)) == data
     pinned = manifest(shards=(replace(manifest().shards[0], blake3="e" * 64),))
     data = manifest_to_bytes(pinned)
     assert b'"blake3": "' + b"e" * 64 + b'"' in data
     assert manifest_from_bytes(data) == pinned
-    for wrong in ("E" * 64, "e" * 63, "", 7):
+    for wrong in ("E" * 64, "e" * 63, "e" * 64 + "\n", "", 7, None):
         document = json.loads(data)
         document["shards"][0]["blake3"] = wrong
         with pytest.raises(FormatError, match=r"shards\[0\]\.blake3"):
