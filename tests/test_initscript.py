@@ -1473,6 +1473,7 @@ def test_dockerfile_init_image_installs_from_azurite(
             assert status["StatusCode"] == 0, logs[-1]
         assert "[gpubuild-init] done: " in logs[0]
         assert "unpacking with bsdtar" in logs[0]  # the image's tools: the in-process extractor
+        assert "checking BLAKE3 (b3sum)" in logs[0]  # and b3sum, with the manifest's pins
         assert "already installed" in logs[1]
         assert_no_secret(azure_store.sas, *logs)
         assert_installed(volume, artifacts.a)
