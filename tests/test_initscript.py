@@ -359,19 +359,26 @@ def test_without_b3sum_and_openssl_sha256sum_checks_the_same_digests(
     """Without b3sum the script checks the sha256: with OpenSSL when it can (faster), with
     sha256sum otherwise."""
     path = _path_without(tmp_path, "openssl", "b3sum")
+    result = _installs_then_refuses_a_tampered_shard(artifacts, tmp_path, {"PATH": path})
+    assert "checking sha256 (sha256sum)" in result.stderr
+
+
+def _installs_then_refuses_a_tampered_shard(
+    artifacts: Artifacts, tmp_path: Path, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Set a installs under `env`; then set b, one shard's bytes flipped, is refused by its
+    sha256 and a stays. Returns the install's result."""
     target = tmp_path / "vol"
     target.mkdir()
     script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
-    result = run_init(script, target, {"PATH": path})
+    result = run_init(script, target, env)
     assert result.returncode == 0, result.stderr
-    assert "checking sha256 (sha256sum)" in result.stderr
     assert_installed(target, artifacts.a)
     tampered = _tampered_store(artifacts, tmp_path, artifacts.b.manifest)
-    refused = run_init(
-        write_script(tmp_path, artifacts.b.manifest, tampered.as_uri()), target, {"PATH": path}
-    )
+    refused = run_init(write_script(tmp_path, artifacts.b.manifest, tampered.as_uri()), target, env)
     assert refused.returncode == 1 and "sha256 mismatch" in refused.stderr
     assert_installed(target, artifacts.a)
+    return result
 
 
 def test_b3sum_checks_the_blake3_pin_and_sha256_the_rest(
@@ -454,24 +461,14 @@ def test_a_b3sum_that_cannot_hash_files_falls_back_to_sha256_not_to_a_false_alar
     on_files = _fake_b3sum(
         tmp_path / "bin-map", b3sum, 'if [[ ${@: -1} == /* ]]; then exit 1; fi; exec $REAL "$@"'
     )
-    target = tmp_path / "vol"
-    target.mkdir()
-    script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
-    result = run_init(script, target, {"PATH": on_files})
-    assert result.returncode == 0, result.stderr
+    result = _installs_then_refuses_a_tampered_shard(artifacts, tmp_path, {"PATH": on_files})
     assert "checking BLAKE3 (b3sum)" in result.stderr
     assert "b3sum could not hash the download; checking its sha256 instead" in result.stderr
-    assert_installed(target, artifacts.a)
-    tampered = _tampered_store(artifacts, tmp_path, artifacts.b.manifest)
-    refused = run_init(
-        write_script(tmp_path, artifacts.b.manifest, tampered.as_uri()), target, {"PATH": on_files}
-    )
-    assert refused.returncode == 1 and "sha256 mismatch" in refused.stderr
-    assert_installed(target, artifacts.a)
 
     broken = _fake_b3sum(tmp_path / "bin-broken", b3sum, "echo 0000; exit 0")
     other = tmp_path / "vol-broken"
     other.mkdir()
+    script = write_script(tmp_path, artifacts.a.manifest, artifacts.store.as_uri())
     result = run_init(script, other, {"PATH": broken})
     assert result.returncode == 0, result.stderr
     assert "checking sha256 (openssl)" in result.stderr and "b3sum could not" not in result.stderr
